@@ -1,0 +1,1 @@
+"""Prefect flows: ingest, backfill, train experts, build the demo lake, demo."""

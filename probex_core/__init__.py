@@ -1,0 +1,1 @@
+"""The science, pure: no Prefect, no Dask, no LanceDB, no network."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers joining probex_core and storage; logic callable via `task.fn`."""
