@@ -1,0 +1,132 @@
+"""Parquet shards of extracted layers, partitioned by tree and layer.
+
+    shards/tree=<tree slug>/layer=<layer name>/<repo slug>@<sha12>.parquet
+
+One file per (model, tree, layer), named deterministically, so re-extracting a model overwrites its
+own file and can never duplicate rows; files are written under a temporary name and renamed, so a
+killed worker leaves no half shard that looks whole. Plain pyarrow, DuckDB
+(`read_parquet('shards/**/*.parquet', hive_partitioning=true)`) and polars read them.
+
+A row holds either a dense matrix `X` (kind "dense", d_H x d_W, row-major) or LoRA factors
+(kind "lora": `A` r x d_W, `B` d_H x r, and `scale`, so X = scale * B @ A), flattened into float32
+lists with their shapes beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("tree_id", pa.string()),
+        ("layer", pa.string()),
+        ("repo_id", pa.string()),
+        ("sha", pa.string()),
+        ("kind", pa.string()),  # "dense" | "lora"
+        ("shape", pa.list_(pa.int64())),  # the layer's matrix shape [d_H, d_W]
+        ("source_shape", pa.list_(pa.int64())),  # as stored (e.g. a 4-D conv kernel)
+        ("dtype", pa.string()),  # as stored: F32 | F16 | BF16
+        ("rank", pa.int64()),  # LoRA rank; null for dense
+        ("scale", pa.float64()),  # LoRA scale as PEFT applies it; null for dense
+        ("X", pa.list_(pa.float32())),  # dense: d_H * d_W values, row-major
+        ("A", pa.list_(pa.float32())),  # lora: r * d_W
+        ("B", pa.list_(pa.float32())),  # lora: d_H * r
+        ("bytes_read", pa.int64()),  # bytes this model's extraction read for this layer
+    ]
+)
+
+
+@dataclass
+class LayerRow:
+    tree_id: str
+    layer: str
+    repo_id: str
+    sha: str
+    kind: str
+    shape: tuple[int, int]
+    source_shape: tuple[int, ...]
+    dtype: str
+    bytes_read: int
+    X: np.ndarray | None = None
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    rank: int | None = None
+    scale: float | None = None
+
+    def to_arrow_row(self) -> dict:
+        flat = lambda a: None if a is None else np.ascontiguousarray(a, np.float32).ravel()
+        return {
+            "tree_id": self.tree_id, "layer": self.layer, "repo_id": self.repo_id,
+            "sha": self.sha, "kind": self.kind, "shape": list(self.shape),
+            "source_shape": list(self.source_shape), "dtype": self.dtype, "rank": self.rank,
+            "scale": self.scale, "X": flat(self.X), "A": flat(self.A), "B": flat(self.B),
+            "bytes_read": self.bytes_read,
+        }
+
+
+def slug(text: str) -> str:
+    """A repo or tree id as one path component ("org/name" -> "org--name")."""
+    return text.replace("/", "--")
+
+
+def shard_path(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> Path:
+    return Path(root) / f"tree={slug(tree_id)}" / f"layer={layer}" / f"{slug(repo_id)}@{sha[:12]}.parquet"
+
+
+def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[Path]:
+    """Write each row to its own shard file, atomically. Returns the final paths."""
+    paths = []
+    for row in rows:
+        path = shard_path(root, row.tree_id, row.layer, row.repo_id, row.sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        table = pa.Table.from_pylist([row.to_arrow_row()], schema=SHARD_SCHEMA)
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> bool:
+    return shard_path(root, tree_id, layer, repo_id, sha).exists()
+
+
+def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:
+    base = Path(root) / f"tree={slug(tree_id)}"
+    if not base.exists():
+        return []
+    return sorted(p.name.split("=", 1)[1] for p in base.iterdir() if p.name.startswith("layer="))
+
+
+def read_layer(root: str | os.PathLike, tree_id: str, layer: str,
+               repo_ids: set[str] | None = None) -> list[LayerRow]:
+    """Every row of one tree's layer (optionally only some models), tensors reshaped."""
+    base = Path(root) / f"tree={slug(tree_id)}" / f"layer={layer}"
+    files = sorted(str(p) for p in base.glob("*.parquet")) if base.exists() else []
+    if not files:
+        return []
+    table = ds.dataset(files, schema=SHARD_SCHEMA, format="parquet").to_table()
+    rows = []
+    for r in table.to_pylist():
+        if repo_ids is not None and r["repo_id"] not in repo_ids:
+            continue
+        d_h, d_w = r["shape"]
+        rows.append(
+            LayerRow(
+                tree_id=r["tree_id"], layer=r["layer"], repo_id=r["repo_id"], sha=r["sha"],
+                kind=r["kind"], shape=(d_h, d_w), source_shape=tuple(r["source_shape"]),
+                dtype=r["dtype"], bytes_read=r["bytes_read"], rank=r["rank"], scale=r["scale"],
+                X=None if r["X"] is None else np.asarray(r["X"], np.float32).reshape(d_h, d_w),
+                A=None if r["A"] is None else np.asarray(r["A"], np.float32).reshape(r["rank"], d_w),
+                B=None if r["B"] is None else np.asarray(r["B"], np.float32).reshape(d_h, r["rank"]),
+            )
+        )
+    return rows
