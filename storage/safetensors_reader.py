@@ -1,0 +1,552 @@
+"""Read single tensors out of safetensors files, fetching only their bytes.
+
+A safetensors file is `u64 little-endian header length N` + `N bytes of JSON` + a byte buffer.
+The JSON maps each tensor name to `{dtype, shape, data_offsets: [begin, end]}` (offsets relative
+to the buffer). So one tensor costs 8 + N + its own bytes, whatever the file size: a local file by
+seek/read, a remote one by HTTP Range requests. Nothing here mmaps or downloads a whole file.
+
+Files come from strangers, so the header is validated strictly and every problem raises
+`CorruptFileError` with a short machine-readable `reason` the caller stores (quarantine).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INDEX_FILENAME = "model.safetensors.index.json"
+DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Two wanted tensors closer than this are fetched in one read: one request instead of two, for
+# at most this many unwanted bytes.
+COALESCE_GAP = 4096
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class TensorReadError(Exception):
+    """Base of the reader's errors. `reason` is a short code for the catalog (e.g. `truncated`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class CorruptFileError(TensorReadError):
+    """The file is not a valid safetensors file (or its values are unusable): quarantine it.
+
+    Reasons: truncated, header_too_large, bad_header, bad_json, unknown_dtype, offset_past_end,
+    overlapping, size_mismatch, nonfinite.
+    """
+
+
+class UnsupportedTensorError(TensorReadError):
+    """A valid tensor this reader cannot decode (e.g. FP8 without ml_dtypes), or a missing one."""
+
+
+class RangeRequestError(TensorReadError):
+    """A remote server did not honour a byte-range request; reading on would mean downloading
+    the whole file, which this reader never does."""
+
+
+# --- byte sources -----------------------------------------------------------------------------
+
+
+class ByteSource:
+    """Random access to the bytes of one file. `bytes_read` counts every byte actually fetched."""
+
+    name: str = "?"
+    bytes_read: int = 0
+
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalFile(ByteSource):
+    """A local file read with seek/read; opened lazily so the object pickles (Dask) until used."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.name = self.path
+        self.bytes_read = 0
+        self._fh = None
+
+    def __getstate__(self):
+        return {"path": self.path, "name": self.name, "bytes_read": self.bytes_read, "_fh": None}
+
+    def size(self) -> int:
+        return os.path.getsize(self.path)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")
+        self._fh.seek(offset)
+        data = self._fh.read(length)
+        self.bytes_read += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """`Retry-After` is either delay-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class HttpFile(ByteSource):
+    """A remote file read with HTTP Range requests through huggingface_hub's HTTP client.
+
+    `session` defaults to `huggingface_hub.utils.get_session()` (an `httpx2.Client` shared by the
+    whole process, following redirects to the CDN, honouring `HF_HUB_OFFLINE`). Headers come from
+    `build_hf_headers(token=...)`: a `None` token falls back to `HF_TOKEN` / the cached login.
+    Build `url` with `huggingface_hub.hf_hub_url(repo_id, filename, revision=sha)`.
+
+    429/5xx and transport errors are retried `max_retries` times with exponential back-off,
+    waiting `Retry-After` when the server sends it, but never more than `max_wait` per try.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | bool | None = None,
+        session=None,
+        *,
+        max_retries: int = 5,
+        base_wait: float = 0.5,
+        max_wait: float = 30.0,
+    ):
+        self.url = url
+        self.name = url
+        self.token = token
+        self._session = session
+        self.max_retries = max_retries
+        self.base_wait = base_wait
+        self.max_wait = max_wait
+        self.bytes_read = 0
+        self.requests = 0
+        self._size: int | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_session"] = None  # an httpx client does not pickle; workers use their own
+        return state
+
+    def _client(self):
+        if self._session is not None:
+            return self._session
+        from huggingface_hub.utils import get_session
+
+        return get_session()
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        from huggingface_hub.utils import build_hf_headers
+
+        return build_hf_headers(token=self.token, headers=extra)
+
+    def _request(self, method: str, headers: dict[str, str], handle: Callable):
+        """Send one request with bounded retries; `handle(response)` runs inside the stream."""
+        import httpx2
+        from huggingface_hub.utils import hf_raise_for_status
+
+        wait = self.base_wait
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                self.requests += 1
+                with self._client().stream(method, self.url, headers=self._headers(headers)) as resp:
+                    if resp.status_code in RETRY_STATUS and not last:
+                        hinted = _retry_after_seconds(resp.headers.get("retry-after"))
+                        delay = wait if hinted is None else hinted
+                    else:
+                        if resp.status_code >= 400:
+                            resp.read()  # so the raised error carries the server's message
+                            hf_raise_for_status(resp)
+                        return handle(resp)
+            except httpx2.TransportError:
+                if last:
+                    raise
+                delay = wait
+            time.sleep(min(delay, self.max_wait))
+            wait = min(wait * 2, self.max_wait)
+        raise AssertionError("unreachable")
+
+    def size(self) -> int:
+        if self._size is None:
+            def handle(resp):
+                length = resp.headers.get("content-length")
+                if length is None:
+                    raise RangeRequestError("no_size", f"{self.url}: HEAD gave no Content-Length")
+                return int(length)
+
+            self._size = self._request("HEAD", {"Accept-Encoding": "identity"}, handle)
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        end = offset + length - 1
+
+        def handle(resp):
+            if resp.status_code == 206:
+                # "bytes first-last/total": check the server sent the range we asked for
+                span, _, total = resp.headers.get("content-range", "").removeprefix("bytes ").partition("/")
+                if span.partition("-")[0] != str(offset):
+                    raise RangeRequestError("bad_range", f"{self.url} sent range {span!r}, not {offset}-{end}")
+                if total.isdigit():
+                    self._size = int(total)  # saves a HEAD request later
+            elif not (resp.status_code == 200 and offset == 0):
+                # A 200 answer carries the whole file from byte 0; refuse rather than download it.
+                raise RangeRequestError(
+                    "range_ignored",
+                    f"{self.url} answered {resp.status_code} to a Range request; "
+                    "use a server that supports HTTP Range (the Hub and its CDN do)",
+                )
+            chunks, got = [], 0
+            for chunk in resp.iter_raw():
+                chunks.append(chunk)
+                got += len(chunk)
+                self.bytes_read += len(chunk)
+                if got >= length:
+                    break  # a 200 answer may go on past what we asked for: stop reading it
+            return b"".join(chunks)[:length]
+
+        # identity: byte offsets refer to the stored file, not to a compressed stream
+        return self._request("GET", {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}, handle)
+
+
+# --- header -----------------------------------------------------------------------------------
+
+# name -> (bytes per element, numpy little-endian dtype or None if numpy cannot decode it)
+DTYPES: dict[str, tuple[int, str | None]] = {
+    "BOOL": (1, "?"),
+    "U8": (1, "u1"),
+    "I8": (1, "i1"),
+    "U16": (2, "<u2"),
+    "I16": (2, "<i2"),
+    "U32": (4, "<u4"),
+    "I32": (4, "<i4"),
+    "U64": (8, "<u8"),
+    "I64": (8, "<i8"),
+    "F16": (2, "<f2"),
+    "BF16": (2, None),  # decoded by hand below
+    "F32": (4, "<f4"),
+    "F64": (8, "<f8"),
+    "F8_E4M3": (1, None),
+    "F8_E5M2": (1, None),
+    "F8_E8M0": (1, None),
+}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int  # absolute, exclusive
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsHeader:
+    header_len: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    file_size: int | None = None
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    def bytes_needed(self, names: Iterable[str]) -> int:
+        """The physical minimum to read `names`: length prefix + header + their own bytes."""
+        return self.data_start + sum(self.tensors[n].nbytes for n in set(names))
+
+
+def _reject_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise CorruptFileError("bad_json", "header JSON repeats a key")
+    return dict(pairs)
+
+
+def _parse_entry(name: str, entry, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CorruptFileError("bad_header", f"tensor {name!r} lacks dtype/shape/data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CorruptFileError("unknown_dtype", f"tensor {name!r} has unknown dtype {dtype!r}")
+    ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not isinstance(shape, list) or not all(ok_int(d) for d in shape):
+        raise CorruptFileError("bad_header", f"tensor {name!r} has a bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(ok_int(o) for o in offsets)):
+        raise CorruptFileError("bad_header", f"tensor {name!r} has bad data_offsets {offsets!r}")
+    begin, end = offsets
+    if end < begin:
+        raise CorruptFileError("bad_header", f"tensor {name!r} ends before it begins ({offsets})")
+    expected = math.prod(shape) * DTYPES[dtype][0]
+    if end - begin != expected:
+        raise CorruptFileError(
+            "size_mismatch",
+            f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}",
+        )
+    return TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def read_header(src: ByteSource, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Fetch and validate the header: 8 + N bytes, two reads, whatever the file size."""
+    prefix = src.read(0, 8)
+    if len(prefix) < 8:
+        raise CorruptFileError("truncated", f"{src.name} has {len(prefix)} bytes, fewer than the 8-byte length prefix")
+    (header_len,) = struct.unpack("<Q", prefix)
+    file_size = src.size()
+    if header_len > max_header_bytes:
+        raise CorruptFileError(
+            "header_too_large",
+            f"{src.name} declares a {header_len}-byte header, over the {max_header_bytes}-byte limit "
+            "(corrupt or not a safetensors file; raise max_header_bytes only if it is genuine)",
+        )
+    if 8 + header_len > file_size:
+        raise CorruptFileError(
+            "truncated", f"{src.name} declares a {header_len}-byte header but has only {file_size} bytes; re-download it"
+        )
+    raw = src.read(8, header_len)
+    if len(raw) < header_len:
+        raise CorruptFileError("truncated", f"{src.name} ended inside its header")
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError("bad_json", f"{src.name}: header is not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise CorruptFileError("bad_json", f"{src.name}: header is not a JSON object")
+
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CorruptFileError("bad_header", f"{src.name}: __metadata__ is not an object")
+    data_start = 8 + header_len
+    tensors = {name: _parse_entry(name, entry, data_start) for name, entry in doc.items()}
+
+    # Every range must lie inside the file and no two may share bytes. Holes and trailing bytes
+    # are tolerated (the safetensors library is stricter) because they cannot mislead a reader.
+    prev_name, prev_end = None, data_start
+    for name, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.end > file_size:
+            raise CorruptFileError(
+                "offset_past_end",
+                f"{src.name}: tensor {name!r} ends at byte {info.end} but the file has {file_size} "
+                "(truncated download or a lying header; re-download it)",
+            )
+        if info.start < prev_end and info.nbytes:
+            raise CorruptFileError("overlapping", f"{src.name}: tensors {prev_name!r} and {name!r} share bytes")
+        if info.nbytes:
+            prev_name, prev_end = name, info.end
+    return SafetensorsHeader(header_len, tensors, {str(k): str(v) for k, v in metadata.items()}, file_size)
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+
+def _decode(info: TensorInfo, buf: bytes | memoryview, out_dtype, name: str) -> np.ndarray:
+    np_dtype = DTYPES[info.dtype][1]
+    if info.dtype == "BF16":
+        # bfloat16 is the top half of a float32: widen by shifting the bits 16 places.
+        bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
+        arr = bits.view(np.float32)
+    elif np_dtype is None:
+        raise UnsupportedTensorError("unsupported_dtype", f"tensor {name!r} is {info.dtype}, which this reader does not decode")
+    else:
+        arr = np.frombuffer(buf, dtype=np_dtype)
+    arr = arr.reshape(info.shape)
+    if info.dtype in FLOAT_DTYPES and out_dtype is not None:
+        return arr.astype(out_dtype)  # copies: the result is writable and owns its memory
+    # native: integers and (out_dtype=None) floats keep their stored dtype, as native-endian
+    return arr.astype(arr.dtype.newbyteorder("="))
+
+
+def _coalesce(infos: list[TensorInfo], gap: int) -> list[tuple[int, int]]:
+    spans: list[list[int]] = []
+    for info in sorted(infos, key=lambda i: i.start):
+        if spans and info.start - spans[-1][1] <= gap:
+            spans[-1][1] = max(spans[-1][1], info.end)
+        else:
+            spans.append([info.start, info.end])
+    return [(a, b) for a, b in spans]
+
+
+def read_tensors(
+    src: ByteSource,
+    names: Iterable[str],
+    header: SafetensorsHeader | None = None,
+    out_dtype=np.float32,
+    *,
+    coalesce_gap: int = COALESCE_GAP,
+) -> dict[str, np.ndarray]:
+    """Read only the byte ranges of `names`.
+
+    Floating tensors become `out_dtype` (float32 by default; `np.float16` keeps F16 as stored;
+    `None` keeps each stored dtype, except BF16 which numpy lacks and becomes float32).
+    Integer and bool tensors always keep their stored dtype.
+    """
+    header = header or read_header(src)
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if n not in header.tensors]
+    if missing:
+        raise UnsupportedTensorError("missing_tensor", f"{src.name} has no tensor {missing[0]!r}")
+    infos = {n: header.tensors[n] for n in names}
+    out: dict[str, np.ndarray] = {}
+    for start, end in _coalesce(list(infos.values()), coalesce_gap):
+        buf = src.read(start, end - start)
+        if len(buf) < end - start:
+            raise CorruptFileError("truncated", f"{src.name} ended at byte {start + len(buf)}, before {end}")
+        view = memoryview(buf)
+        for name, info in infos.items():
+            if start <= info.start and info.end <= end:
+                out[name] = _decode(info, view[info.start - start : info.end - start], out_dtype, name)
+    return out
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+    """Raise CorruptFileError('nonfinite') if `arr` holds NaN or Inf (a diverged or broken model)."""
+    if arr.dtype.kind in "fc":
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise CorruptFileError("nonfinite", f"tensor {name!r} has {bad} NaN/Inf values of {arr.size}")
+
+
+def as_matrix(arr: np.ndarray) -> np.ndarray:
+    """A weight as a 2-D matrix, rows = output units.
+
+    Conv kernels `out x in x kh x kw` become `out x (in*kh*kw)` (depthwise `out x 1 x k x k`
+    becomes `out x k*k`); Conv1d `out x in x k` becomes `out x (in*k)`. The flattening is the
+    same one PEFT uses for conv LoRA (`B @ A.reshape(r, -1)`), so LoRA factors flattened this
+    way multiply to the flattened delta.
+    """
+    if arr.ndim < 2:
+        raise ValueError(f"a {arr.ndim}-D tensor of shape {arr.shape} is not a weight matrix (bias or norm?)")
+    return arr.reshape(arr.shape[0], -1)
+
+
+# --- sharded repos ----------------------------------------------------------------------------
+
+Opener = Callable[[str], ByteSource]  # repo filename -> ByteSource (LocalFile or HttpFile)
+
+
+def read_weight_map(src: ByteSource, max_bytes: int = 64 * 1024 * 1024) -> dict[str, str]:
+    """`model.safetensors.index.json` -> {tensor name: shard filename}."""
+    size = src.size()
+    if size > max_bytes:
+        raise CorruptFileError("header_too_large", f"{src.name} is {size} bytes, over the {max_bytes}-byte index limit")
+    try:
+        weight_map = json.loads(src.read(0, size).decode("utf-8"))["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CorruptFileError("bad_json", f"{src.name} is not a safetensors index ({err!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptFileError("bad_json", f"{src.name}: weight_map is not a name -> filename object")
+    return weight_map
+
+
+def shards_for(names: Iterable[str], weight_map: dict[str, str]) -> dict[str, list[str]]:
+    """Group tensor names by the shard that holds them: {filename: [names]}."""
+    plan: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        if name not in weight_map:
+            raise UnsupportedTensorError("missing_tensor", f"the shard index lists no tensor {name!r}")
+        plan.setdefault(weight_map[name], []).append(name)
+    return plan
+
+
+@dataclass
+class RepoRead:
+    tensors: dict[str, np.ndarray]
+    bytes_read: int  # fetched, index and headers included
+    bytes_needed: int  # the minimum: length prefixes + headers + the tensors' own bytes
+    bytes_in_files: int  # total size of the safetensors files touched
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # filename -> header
+
+
+def read_repo_tensors(
+    opener: Opener,
+    names: Iterable[str],
+    repo_files: Iterable[str],
+    *,
+    filename: str | None = None,
+    out_dtype=np.float32,
+    check: bool = True,
+) -> RepoRead:
+    """Read `names` from a repo: through the shard index when the repo has one, else from
+    `filename` (default `model.safetensors`, or `adapter_model.safetensors` in an adapter repo).
+    With `check`, NaN/Inf values raise CorruptFileError('nonfinite')."""
+    names = list(dict.fromkeys(names))
+    repo_files = set(repo_files)
+    bytes_read = 0
+    if filename is None and INDEX_FILENAME in repo_files:
+        index = opener(INDEX_FILENAME)
+        try:
+            plan = shards_for(names, read_weight_map(index))
+        finally:
+            bytes_read += index.bytes_read
+            index.close()
+    else:
+        if filename is None:
+            filename = "model.safetensors" if "model.safetensors" in repo_files else "adapter_model.safetensors"
+        plan = {filename: names}
+
+    result = RepoRead({}, 0, 0, 0)
+    for shard, shard_names in plan.items():
+        src = opener(shard)
+        try:
+            header = read_header(src)
+            tensors = read_tensors(src, shard_names, header, out_dtype)
+        finally:
+            bytes_read += src.bytes_read
+            src.close()
+        if check:
+            for name, arr in tensors.items():
+                check_finite(name, arr)
+        result.tensors.update(tensors)
+        result.headers[shard] = header
+        result.bytes_needed += header.bytes_needed(shard_names)
+        result.bytes_in_files += header.file_size or 0
+    result.bytes_read = bytes_read
+    return result

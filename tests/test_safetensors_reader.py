@@ -1,0 +1,339 @@
+"""The single-tensor reader: strict headers, exact byte ranges, local and over HTTP Range."""
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as np_save_file
+from safetensors.torch import load_file as torch_load_file
+from safetensors.torch import save_file as torch_save_file
+
+from storage.safetensors_reader import (
+    INDEX_FILENAME,
+    CorruptFileError,
+    HttpFile,
+    LocalFile,
+    RangeRequestError,
+    as_matrix,
+    check_finite,
+    read_header,
+    read_repo_tensors,
+    read_tensors,
+)
+
+
+def write_raw(path: Path, header: dict, data: bytes = b"", header_len: int | None = None) -> Path:
+    """A safetensors file written by hand, so it can lie."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob) if header_len is None else header_len) + blob + data)
+    return path
+
+
+def sample(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a.weight": rng.standard_normal((16, 8)).astype(np.float32),
+        "b.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "c.bias": rng.standard_normal(16).astype(np.float32),
+        "d.idx": np.arange(5, dtype=np.int64),
+    }
+    np_save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path / "model.safetensors"
+
+
+# --- local reads --------------------------------------------------------------------------------
+
+
+def test_reads_only_the_requested_tensor(tmp_path):
+    path = sample(tmp_path)
+    src = LocalFile(path)
+    header = read_header(src)
+    assert src.bytes_read == 8 + header.header_len
+    got = read_tensors(src, ["a.weight"], header)
+    ref = np.frombuffer(path.read_bytes()[header.tensors["a.weight"].start : header.tensors["a.weight"].end], "<f4")
+    np.testing.assert_array_equal(got["a.weight"], ref.reshape(16, 8))
+    assert src.bytes_read == header.bytes_needed(["a.weight"]) < path.stat().st_size
+    assert read_tensors(src, ["d.idx"], header)["d.idx"].tolist() == [0, 1, 2, 3, 4]  # ints keep their dtype
+
+
+def test_float16_and_bfloat16_decode_like_safetensors(tmp_path):
+    t = torch.randn(32, 24)
+    t[0, :4] = torch.tensor([0.0, -0.0, 65504.0, 1e-7])
+    torch_save_file({"h": t.half(), "b": t.bfloat16()}, str(tmp_path / "m.safetensors"))
+    ref = torch_load_file(str(tmp_path / "m.safetensors"))
+    src = LocalFile(tmp_path / "m.safetensors")
+    got = read_tensors(src, ["h", "b"])
+    assert got["h"].dtype == got["b"].dtype == np.float32
+    np.testing.assert_array_equal(got["h"], ref["h"].float().numpy())
+    np.testing.assert_array_equal(got["b"], ref["b"].float().numpy())
+    kept = read_tensors(src, ["h"], out_dtype=np.float16)["h"]
+    assert kept.dtype == np.float16 and np.array_equal(kept, ref["h"].numpy())
+
+
+def test_conv_kernels_flatten_to_matrices(tmp_path):
+    src = LocalFile(sample(tmp_path))
+    kernel = read_tensors(src, ["b.weight"])["b.weight"]
+    assert as_matrix(kernel).shape == (4, 27)
+    np.testing.assert_array_equal(as_matrix(kernel)[1], kernel[1].ravel())
+    assert as_matrix(np.zeros((32, 1, 3, 3))).shape == (32, 9)  # depthwise
+    with pytest.raises(ValueError, match="not a weight matrix"):
+        as_matrix(np.zeros(16))
+
+
+def test_nan_weights_are_reported():
+    w = np.ones((3, 3), np.float32)
+    check_finite("w", w)
+    w[1, 1] = np.nan
+    w[2, 2] = np.inf
+    with pytest.raises(CorruptFileError) as err:
+        check_finite("w", w)
+    assert err.value.reason == "nonfinite" and "2 NaN/Inf" in str(err.value)
+
+
+def test_repo_read_checks_values_and_counts_bytes(tmp_path):
+    w = np.ones((4, 4), np.float32)
+    w[0, 0] = np.nan
+    np_save_file({"w": w, "v": np.ones((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    opener = lambda f: LocalFile(tmp_path / f)  # noqa: E731
+    with pytest.raises(CorruptFileError, match="nonfinite"):
+        read_repo_tensors(opener, ["w"], ["model.safetensors"])
+    r = read_repo_tensors(opener, ["v"], ["model.safetensors"])
+    assert r.bytes_read == r.bytes_needed and r.bytes_in_files == (tmp_path / "model.safetensors").stat().st_size
+
+
+def test_sharded_model_reads_through_the_index(tmp_path):
+    np_save_file({"x": np.full((2, 2), 1, np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    np_save_file({"y": np.full((3, 2), 2, np.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}
+    (tmp_path / INDEX_FILENAME).write_text(json.dumps(index))
+    files = [p.name for p in tmp_path.iterdir()]
+    r = read_repo_tensors(lambda f: LocalFile(tmp_path / f), ["y", "x"], files)
+    assert r.tensors["x"].tolist() == [[1, 1], [1, 1]] and r.tensors["y"].shape == (3, 2)
+    assert set(r.headers) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert r.bytes_read == r.bytes_needed + (tmp_path / INDEX_FILENAME).stat().st_size
+
+
+# --- corrupt files --------------------------------------------------------------------------------
+
+
+def _reason(path) -> str:
+    with pytest.raises(CorruptFileError) as err:
+        src = LocalFile(path)
+        read_tensors(src, list(read_header(src).tensors))
+    return err.value.reason
+
+
+def test_truncated_files(tmp_path):
+    path = sample(tmp_path)
+    blob = path.read_bytes()
+    (tmp_path / "tiny").write_bytes(blob[:5])
+    assert _reason(tmp_path / "tiny") == "truncated"
+    (tmp_path / "mid_header").write_bytes(blob[:40])
+    assert _reason(tmp_path / "mid_header") == "truncated"
+    (tmp_path / "mid_data").write_bytes(blob[:-10])
+    assert _reason(tmp_path / "mid_data") == "offset_past_end"
+
+
+def test_lying_headers(tmp_path):
+    t = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    data = bytes(32)
+    assert _reason(write_raw(tmp_path / "huge", {"w": t}, data, header_len=2**60)) == "header_too_large"
+    past = {"w": {**t, "data_offsets": [16, 32]}, "v": {**t, "data_offsets": [32, 48]}}
+    assert _reason(write_raw(tmp_path / "past", past, data)) == "offset_past_end"
+    overlap = {"w": t, "v": {**t, "data_offsets": [8, 24]}}
+    assert _reason(write_raw(tmp_path / "overlap", overlap, data)) == "overlapping"
+    assert _reason(write_raw(tmp_path / "size", {"w": {**t, "shape": [3, 2]}}, data)) == "size_mismatch"
+    assert _reason(write_raw(tmp_path / "dtype", {"w": {**t, "dtype": "F31"}}, data)) == "unknown_dtype"
+    assert _reason(write_raw(tmp_path / "neg", {"w": {**t, "data_offsets": [-16, 0]}}, data)) == "bad_header"
+    (tmp_path / "json").write_bytes(struct.pack("<Q", 5) + b"{nope" + data)
+    assert _reason(tmp_path / "json") == "bad_json"
+    (tmp_path / "dup").write_bytes(struct.pack("<Q", 13) + b'{"a":1,"a":2}' + data)
+    assert _reason(tmp_path / "dup") == "bad_json"
+
+
+# --- a multi-GB file, one small tensor ------------------------------------------------------------
+
+BIG = 1 << 30  # elements of a 4 GiB F32 tensor that exists only as a hole on disk
+
+
+def make_sparse(path: Path) -> np.ndarray:
+    small = np.arange(12, dtype=np.float32).reshape(3, 4)
+    header = {
+        "big": {"dtype": "F32", "shape": [BIG], "data_offsets": [0, 4 * BIG]},
+        "small": {"dtype": "F32", "shape": [3, 4], "data_offsets": [4 * BIG, 4 * BIG + 48]},
+    }
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)) + blob)
+        fh.seek(8 + len(blob) + 4 * BIG)  # never written: a hole, not 4 GiB of disk
+        fh.write(small.tobytes())
+    return small
+
+
+def test_one_small_tensor_from_a_sparse_4gib_file(tmp_path):
+    path = tmp_path / "big.safetensors"
+    small = make_sparse(path)
+    assert path.stat().st_size > 4 * BIG
+    src = LocalFile(path)
+    header = read_header(src)
+    got = read_tensors(src, ["small"], header)["small"]
+    np.testing.assert_array_equal(got, small)
+    assert src.bytes_read == header.bytes_needed(["small"]) == 8 + header.header_len + 48
+
+    # Peak memory in a fresh process: the file's 4 GiB must never be paged in.
+    code = (
+        "import resource, sys; from storage.safetensors_reader import LocalFile, read_tensors;"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"read_tensors(LocalFile({str(path)!r}), ['small']);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 50_000  # KiB: growth stays far below the file's size
+
+
+# --- HTTP Range -------------------------------------------------------------------------------------
+
+
+class RangeServer(ThreadingHTTPServer):
+    """Serves a folder with HTTP Range support and counts the body bytes it sends."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+        self.root = root
+        self.bytes_served = 0
+        self.fail_next = 0  # answer this many requests with 503 + Retry-After: 0
+        self.ignore_range = False
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, head_only: bool):
+        srv: RangeServer = self.server
+        with srv.lock:
+            if srv.fail_next:
+                srv.fail_next -= 1
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        path = srv.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if m and not srv.ignore_range:
+            start, end = int(m[1]), min(int(m[2] or size - 1), size - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if head_only:
+            return
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            body = fh.read(end - start + 1)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client stopped reading (a refused 200): count nothing more
+        with srv.lock:
+            srv.bytes_served += len(body)
+
+    def do_GET(self):
+        self._send(head_only=False)
+
+    def do_HEAD(self):
+        self._send(head_only=True)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # get_session() refuses every request in offline mode; this server is on loopback.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    srv = RangeServer(tmp_path)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_http_reads_match_the_servers_byte_count(tmp_path, server):
+    path = sample(tmp_path)
+    src = HttpFile(f"{server.url}/model.safetensors", token=False)
+    header = read_header(src)
+    got = read_tensors(src, ["a.weight", "c.bias"], header)
+    local = read_tensors(LocalFile(path), ["a.weight", "c.bias"])
+    for name in got:
+        np.testing.assert_array_equal(got[name], local[name])
+    assert src.bytes_read == server.bytes_served
+    assert src.bytes_read <= header.bytes_needed(["a.weight", "c.bias"]) + 4096
+    assert src.size() == path.stat().st_size and src.requests == 3  # size came from Content-Range
+
+
+def test_http_retries_503_then_succeeds(tmp_path, server):
+    sample(tmp_path)
+    server.fail_next = 2
+    src = HttpFile(f"{server.url}/model.safetensors", token=False, base_wait=0.01)
+    assert "a.weight" in read_header(src).tensors
+    assert src.requests == 4 and src.bytes_read == server.bytes_served
+
+
+def test_http_refuses_a_server_that_ignores_range(tmp_path, server):
+    sample(tmp_path)
+    server.ignore_range = True
+    src = HttpFile(f"{server.url}/model.safetensors", token=False)
+    with pytest.raises(RangeRequestError, match="range_ignored"):
+        src.read(100, 10)
+    assert src.bytes_read < 64 * 1024
+
+
+def test_http_sparse_file_reads_only_what_it_needs(tmp_path, server):
+    small = make_sparse(tmp_path / "big.safetensors")
+    src = HttpFile(f"{server.url}/big.safetensors", token=False)
+    np.testing.assert_array_equal(read_tensors(src, ["small"])["small"], small)
+    assert src.bytes_read == server.bytes_served < 1024
+
+
+def test_http_missing_file_raises_hub_error(server):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError):
+        HttpFile(f"{server.url}/nope.safetensors", token=False).read(0, 8)
+
+
+def test_sources_pickle_for_dask(tmp_path):
+    import pickle
+
+    src = LocalFile(sample(tmp_path))
+    read_header(src)
+    clone = pickle.loads(pickle.dumps(src))
+    assert "a.weight" in read_header(clone).tensors
+    http = pickle.loads(pickle.dumps(HttpFile("http://127.0.0.1:1/x", session=object())))
+    assert http._session is None
