@@ -57,11 +57,15 @@ class AdapterError(TensorReadError):
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """Verbatim peft 0.21 `peft.utils.other.get_pattern_key`: the first pattern that matches the
-    key as a whole or as a dot-separated suffix, as a regex; the key itself when none does."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
+    """The pattern that governs `key_to_match` under PEFT's rule: the first pattern (in file order)
+    that, read as a regular expression, matches the whole module path or its last dot-separated
+    components; the module path itself when no pattern does."""
+    for pattern in pattern_keys:
+        tail = re.compile(f"(?:{pattern})")
+        parts = key_to_match.split(".")
+        # Try every suffix "a.b.c", "b.c", "c" against the full pattern.
+        if any(tail.fullmatch(".".join(parts[i:])) for i in range(len(parts))):
+            return pattern
     return key_to_match
 
 
