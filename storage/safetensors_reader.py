@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from probex_core.errors import ProbexError
+
 INDEX_FILENAME = "model.safetensors.index.json"
 DEFAULT_MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Two wanted tensors closer than this are fetched in one read: one request instead of two, for
@@ -32,7 +34,7 @@ COALESCE_GAP = 4096
 # --- errors ---------------------------------------------------------------------------------
 
 
-class TensorReadError(Exception):
+class TensorReadError(ProbexError):
     """Base of the reader's errors. `reason` is a short code for the catalog (e.g. `truncated`)."""
 
     def __init__(self, reason: str, message: str):

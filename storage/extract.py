@@ -1,0 +1,238 @@
+"""Extract chosen layers of one model into Parquet shards, reading only the bytes they need.
+
+`extract_model(job)` is what a Dask worker runs: the job carries only a location (a folder or an
+HTTP endpoint) and names, never tensors; the worker reads the safetensors header, then only the
+wanted tensors' byte ranges, and writes the shard files itself. A file that is corrupt (truncated,
+lying header, NaN/Inf) or whose layer does not fit its tree is reported as quarantined with its
+reason, never raised: one bad model must not stop a run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from storage.adapters import lora_modules, parse_adapter_config, read_lora_factors
+from storage.safetensors_reader import (
+    ByteSource,
+    HttpFile,
+    LocalFile,
+    TensorReadError,
+    as_matrix,
+    check_finite,
+    read_header,
+    read_repo_tensors,
+)
+from storage.shards import LayerRow, has_shard, write_rows
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class RepoLocation:
+    """Where a repo's files are: a local folder, or a Hub endpoint (files fetched by HTTP Range)."""
+
+    repo_id: str
+    sha: str
+    local_dir: str | None = None
+    endpoint: str | None = None
+    token: str | None = None
+
+    def open(self, filename: str) -> ByteSource:
+        if self.local_dir is not None:
+            return LocalFile(os.path.join(self.local_dir, filename))
+        from huggingface_hub import hf_hub_url
+
+        url = hf_hub_url(self.repo_id, filename, revision=self.sha, endpoint=self.endpoint)
+        return HttpFile(url, token=self.token)
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    location: RepoLocation
+    tree_id: str
+    files: tuple[str, ...]  # the repo's file names
+    layers: tuple[str, ...]  # layer names to extract (tensor names, or LoRA module paths)
+    shards_root: str
+    expected_shapes: tuple[tuple[str, tuple[int, int]], ...] = ()  # (layer, (d_H, d_W)) of the tree
+
+    @property
+    def is_adapter(self) -> bool:
+        return ADAPTER_WEIGHTS in self.files and "model.safetensors" not in self.files
+
+
+@dataclass
+class ExtractResult:
+    repo_id: str
+    sha: str
+    tree_id: str
+    status: str  # "ok" | "skipped" (shards already there) | "quarantined"
+    reason: str | None = None
+    layers: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_needed: int = 0
+    bytes_in_files: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read_small(loc: RepoLocation, filename: str, limit: int = 1 << 20) -> tuple[bytes, int]:
+    src = loc.open(filename)
+    try:
+        size = src.size()
+        if size > limit:
+            raise TensorReadError("bad_adapter_config", f"{filename} is {size} bytes (limit {limit})")
+        return src.read(0, size), src.bytes_read
+    finally:
+        src.close()
+
+
+def _check_shape(job: ExtractJob, layer: str, shape: tuple[int, int]) -> None:
+    expected = dict(job.expected_shapes).get(layer)
+    if expected is not None and tuple(expected) != tuple(shape):
+        raise TensorReadError(
+            "shape_mismatch",
+            f"layer {layer} is {shape[0]}x{shape[1]} but tree {job.tree_id} expects {expected[0]}x{expected[1]}",
+        )
+
+
+def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
+    loc = job.location
+    raw, n = _read_small(loc, ADAPTER_CONFIG)
+    res.bytes_read += n
+    res.bytes_needed += n
+    config = parse_adapter_config(raw)
+    src = loc.open(ADAPTER_WEIGHTS)
+    try:
+        header = read_header(src)
+        factors = read_lora_factors(src, config, job.layers, header=header)
+        pairs = lora_modules(header.tensors)
+        res.bytes_needed += header.bytes_needed(
+            [name for m in job.layers for name in (pairs[m].a_name, pairs[m].b_name)]
+        )
+        res.bytes_in_files += header.file_size or 0
+    finally:
+        res.bytes_read += src.bytes_read
+        src.close()
+    rows = []
+    for layer, f in factors.items():
+        check_finite(layer + ".lora_A", f.A)
+        check_finite(layer + ".lora_B", f.B)
+        # A transposed adapter (fan_in_fan_out) stores delta^T; keep rows as out x in.
+        A, B = (f.B.T, f.A.T) if f.transposed else (f.A, f.B)
+        shape = (B.shape[0], A.shape[1])
+        _check_shape(job, layer, shape)
+        rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "lora", shape, shape, "F32",
+                             0, A=A, B=B, rank=int(A.shape[0]), scale=float(f.scale)))
+    return rows
+
+
+def _extract_full(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
+    loc = job.location
+    read = read_repo_tensors(loc.open, job.layers, job.files, check=True)
+    res.bytes_read += read.bytes_read
+    res.bytes_needed += read.bytes_needed
+    res.bytes_in_files += read.bytes_in_files
+    dtypes = {n: info.dtype for h in read.headers.values() for n, info in h.tensors.items()}
+    rows = []
+    for layer in job.layers:
+        arr = read.tensors[layer]
+        X = as_matrix(arr)
+        _check_shape(job, layer, X.shape)
+        rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "dense", X.shape,
+                             tuple(arr.shape), dtypes.get(layer, "F32"), 0, X=X))
+    return rows
+
+
+def extract_model(job: ExtractJob) -> ExtractResult:
+    """Read the job's layers and write one shard per layer. Never raises for bad data."""
+    t0 = time.perf_counter()
+    loc = job.location
+    res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "ok")
+    if all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha) for l in job.layers):
+        res.status = "skipped"
+        res.layers = list(job.layers)
+        return res
+    try:
+        rows = _extract_adapter(job, res) if job.is_adapter else _extract_full(job, res)
+    except TensorReadError as e:
+        res.status, res.reason = "quarantined", f"{e.reason}: {e.message}"
+        res.seconds = time.perf_counter() - t0
+        return res
+    except (OSError, ValueError, KeyError) as e:  # unreadable file, missing tensor name, ...
+        res.status, res.reason = "quarantined", f"unreadable: {e}"
+        res.seconds = time.perf_counter() - t0
+        return res
+    share = res.bytes_read // max(len(rows), 1)
+    for r in rows:
+        r.bytes_read = share
+    write_rows(job.shards_root, rows)
+    res.layers = [r.layer for r in rows]
+    res.tensors = sum(2 if r.kind == "lora" else 1 for r in rows)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# --- which layers a tree offers ------------------------------------------------------------
+
+HEAD_NAMES = ("_fc.", "classifier.", "lm_head.", "score.", "head.", "pooler.")
+
+
+def is_head(name: str) -> bool:
+    """Classifier heads are trivially readable and change shape with the label count: never probe them."""
+    return any(name.startswith(h) or f".{h}" in name for h in HEAD_NAMES)
+
+
+def header_shapes(loc: RepoLocation, files: tuple[str, ...]) -> tuple[dict[str, tuple[int, ...]], int]:
+    """name -> shape of every tensor in the repo's weights file, reading only the header(s)."""
+    filename = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in files and "model.safetensors" not in files else "model.safetensors"
+    src = loc.open(filename)
+    try:
+        h = read_header(src)
+        return {n: tuple(i.shape) for n, i in h.tensors.items()}, src.bytes_read
+    finally:
+        src.close()
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    if len(shape) < 2:
+        return None
+    return (shape[0], int(np.prod(shape[1:])))
+
+
+def adapter_layer_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """LoRA module -> (d_H, d_W) of its update, from an adapter header."""
+    out = {}
+    for module, pair in lora_modules(shapes).items():
+        a, b = shapes[pair.a_name], shapes[pair.b_name]
+        out[module] = (b[0], int(np.prod(a[1:])))
+    return out
+
+
+def candidate_layers(samples: list[dict[str, tuple[int, int]]], changed: set[str] | None = None,
+                     limit: int = 8) -> dict[str, tuple[int, int]]:
+    """Layers every sampled child has with one shape, minus heads, optionally only those that
+    fine-tuning changed; the last `limit` by name order (later layers read best, PROBEX.md)."""
+    if not samples:
+        return {}
+    common = set(samples[0])
+    for s in samples[1:]:
+        common &= {n for n in s if s[n] == samples[0].get(n)}
+    names = sorted(n for n in common if not is_head(n) and (changed is None or n in changed))
+    names = names[-limit:]
+    return {n: samples[0][n] for n in names}
+
+
+def changed_layers(root: RepoLocation, child: RepoLocation, root_files: tuple[str, ...],
+                   child_files: tuple[str, ...], names: list[str]) -> set[str]:
+    """Names whose values differ between a root and one full fine-tuned child."""
+    a = read_repo_tensors(root.open, names, root_files, check=False).tensors
+    b = read_repo_tensors(child.open, names, child_files, check=False).tensors
+    return {n for n in names if a[n].shape != b[n].shape or not np.array_equal(a[n], b[n])}

@@ -1,0 +1,79 @@
+"""Extraction across Dask workers: one task per model; workers read and write, the client only
+sends jobs (paths/URLs and names) and collects small result records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from storage.extract import ExtractJob, ExtractResult, extract_model
+from tasks.dask_cluster import dask_client
+
+WORKER_RETRIES = 2  # a worker that dies mid-task: retried this often, then quarantined
+
+
+@dataclass
+class ExtractSummary:
+    models: int = 0
+    extracted: int = 0
+    skipped: int = 0
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_needed: int = 0
+    bytes_in_files: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+    quarantined: list[dict] = field(default_factory=list)  # {repo_id, sha, reason}
+    results: list[ExtractResult] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("results")
+        d["models_per_s"] = self.extracted / self.seconds if self.seconds else 0.0
+        d["mb_per_s"] = self.bytes_read / 2**20 / self.seconds if self.seconds else 0.0
+        d["bytes_ratio"] = self.bytes_read / self.bytes_in_files if self.bytes_in_files else 0.0
+        return d
+
+
+def summarise(results: list[ExtractResult], seconds: float, workers: int) -> ExtractSummary:
+    s = ExtractSummary(models=len(results), seconds=seconds, workers=workers, results=results)
+    for r in results:
+        if r.status == "skipped":
+            s.skipped += 1
+            continue
+        s.bytes_read += r.bytes_read
+        s.bytes_needed += r.bytes_needed
+        s.bytes_in_files += r.bytes_in_files
+        if r.status == "ok":
+            s.extracted += 1
+            s.tensors += r.tensors
+        else:
+            s.quarantined.append({"repo_id": r.repo_id, "sha": r.sha, "reason": r.reason})
+    return s
+
+
+def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n_workers: int = 2,
+                   on_result: Callable[[ExtractResult], None] | None = None) -> ExtractSummary:
+    """Run `extract_model` for every job on Dask and return the summary."""
+    t0 = time.perf_counter()
+    results: list[ExtractResult] = []
+    if not jobs:
+        return summarise(results, 0.0, 0)
+    from distributed import as_completed
+
+    with dask_client(dask_address, n_workers) as client:
+        workers = len(client.scheduler_info()["workers"])
+        futures = {client.submit(extract_model, job, retries=WORKER_RETRIES, pure=False): job for job in jobs}
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                res = fut.result()
+            except Exception as e:  # the worker died (KilledWorker) or the task crashed: quarantine
+                loc = job.location
+                res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "quarantined",
+                                    f"worker_failed: {type(e).__name__}: {e}")
+            results.append(res)
+            if on_result:
+                on_result(res)
+    return summarise(results, time.perf_counter() - t0, workers)
