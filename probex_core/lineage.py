@@ -1,0 +1,112 @@
+"""Declared lineage (`base_model` links) -> Model Trees. Pure: ids in, placements out.
+
+A tree is named by its root's repo id. Each model is placed by following its FIRST declared parent
+up to a root; the walk is iterative (no recursion limit) and memoised, so any depth costs O(n).
+
+Flags on a `Placement`:
+- `merge`: several parents declared; all are kept in `parents`, the first one places the model.
+- `cycle`: the model is on a cycle of first-parent links. The cycle is cut at its smallest repo id,
+  which becomes the tree's root (deterministic, so re-runs agree); a self-reference is a cycle of one.
+- `missing_parent`: the first parent is not in the crawl. The chain ends there and that parent's id
+  names the tree: the declared root still names the tree even when we have not seen it.
+- `no_lineage`: nothing declared. Such a model is a root when any model names it as a parent (in any
+  position), else it is unassigned (`tree_id` None) and left to routing by weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+MERGE = "merge"
+CYCLE = "cycle"
+MISSING_PARENT = "missing_parent"
+NO_LINEAGE = "no_lineage"
+
+
+@dataclass(frozen=True)
+class Placement:
+    repo_id: str
+    tree_id: str | None  # the root's repo id; None: unassigned (no lineage, nobody's parent)
+    # The first declared parent other than itself; kept on a cycle's cut root too (depth 0 and the
+    # `cycle` flag say the link was ignored). None when nothing is declared.
+    parent: str | None
+    parents: tuple[str, ...]  # every declared parent, in declared order, de-duplicated
+    relation: str | None  # as declared (finetune | adapter | quantized | merge | None)
+    depth: int | None  # links from the root: 0 for a root, None when unassigned
+    flags: frozenset[str] = frozenset()
+
+    @property
+    def is_root(self) -> bool:
+        return self.tree_id == self.repo_id
+
+
+def place(models: Mapping[str, tuple[Sequence[str], str | None]]) -> dict[str, Placement]:
+    """Place every model of `models` = {repo_id: (declared parents, declared relation)}."""
+    parents = {m: tuple(dict.fromkeys(p for p in ps if p)) for m, (ps, _) in models.items()}
+    relation = {m: rel for m, (_, rel) in models.items()}
+    flags: dict[str, set[str]] = {m: set() for m in models}
+    # The link that places each model: its first parent other than itself. Naming itself is a
+    # cycle of one, cut here; naming only itself declares nothing.
+    up: dict[str, str | None] = {}
+    for m, ps in parents.items():
+        others = [p for p in ps if p != m]
+        up[m] = others[0] if others else None
+        if len(others) < len(ps):
+            flags[m].add(CYCLE)
+        if len(others) > 1:
+            flags[m].add(MERGE)
+        if not others:
+            flags[m].add(NO_LINEAGE)
+    declared_parent = dict(up)  # before cycle cuts, for `Placement.parent`
+    referenced = {p for m, ps in parents.items() for p in ps if p != m}
+
+    resolved: dict[str, tuple[str | None, int | None]] = {}  # model -> (tree, depth)
+    for start in sorted(models):
+        while start not in resolved:  # loops again only after cutting a cycle
+            path: list[str] = []
+            on_path: set[str] = set()
+            node: str | None = start
+            while node in models and node not in resolved and up[node] is not None and node not in on_path:
+                path.append(node)
+                on_path.add(node)
+                node = up[node]
+            if node in on_path:  # a cycle: cut it at its smallest id, then walk again
+                cycle = path[path.index(node) :]
+                for member in cycle:
+                    flags[member].add(CYCLE)
+                up[min(cycle)] = None
+                continue
+            if node not in models:  # the first unknown parent names the tree
+                flags[path[-1]].add(MISSING_PARENT)
+                base = (node, 0)
+            elif node in resolved:
+                base = resolved[node]
+            else:  # a model with no (remaining) parent link: root, or unassigned
+                base = (node, 0) if node in referenced else (None, None)
+                resolved[node] = base
+            tree, depth = base
+            for offset, member in enumerate(reversed(path), start=1):
+                resolved[member] = (tree, None if depth is None else depth + offset)
+
+    return {
+        m: Placement(
+            repo_id=m,
+            tree_id=resolved[m][0],
+            parent=declared_parent[m],
+            parents=parents[m],
+            relation=relation[m],
+            depth=resolved[m][1],
+            flags=frozenset(flags[m]),
+        )
+        for m in models
+    }
+
+
+def trees(placements: Mapping[str, Placement]) -> dict[str, list[str]]:
+    """tree_id -> member repo ids (the root first when it was crawled), for assigned models."""
+    members: dict[str, list[str]] = {}
+    for p in sorted(placements.values(), key=lambda p: (p.depth or 0, p.repo_id)):
+        if p.tree_id is not None:
+            members.setdefault(p.tree_id, []).append(p.repo_id)
+    return members
