@@ -55,6 +55,7 @@ MODELS_SCHEMA = pa.schema(
         ("created_at", _TS),
         ("last_modified", _TS),
         ("route_distances", pa.string()),  # JSON {tree_id: distance} for weight-routed models
+        ("adapter_modules", pa.list_(pa.string())),  # LoRA "module|in|out" signature, from the header
         ("source", pa.string()),
     ]
 )
@@ -70,6 +71,7 @@ TREES_SCHEMA = pa.schema(
         ("layer", pa.string()),  # the expert's chosen layer; null before training
         ("expert_version", pa.string()),
         ("task", pa.string()),  # multilabel | zeroshot; null before training
+        ("candidate_layers", pa.list_(pa.string())),  # layers extraction offers the layer sweep
     ]
 )
 

@@ -1,0 +1,269 @@
+"""Crawl a source into the catalog: list -> place by lineage -> route the rest by weights -> upsert.
+
+Incremental and idempotent: by default the listing starts at the source's watermark; only new
+(repo_id, sha) pairs are read further (an adapter's header for its module signature, a few tensors
+for weight routing); rows are upserted by diff, so a re-run changes nothing; the watermark moves
+only after the rows are committed, and never past models a `--limit` left unread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from probex_core.lineage import place
+from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
+from storage.catalog import MODELS, Catalog
+from storage.extract import ADAPTER_WEIGHTS, RepoLocation, adapter_layer_shapes, header_shapes
+from storage.records import ModelRecord
+from storage.safetensors_reader import TensorReadError, read_repo_tensors
+from storage.sources import HubSource, LocalSource, Source
+
+# Statuses the crawl owns; others (quarantined by extraction, superseded) are kept on re-placement.
+CRAWL_STATUSES = {"ok", "unassigned"}
+
+
+@dataclass
+class CrawlSummary:
+    source: str
+    seen: int = 0
+    new: int = 0  # repo ids never seen before
+    changed: int = 0  # known repo ids at a new sha
+    unchanged: int = 0
+    replaced: int = 0  # known rows whose tree placement moved (e.g. a parent arrived)
+    unassigned: int = 0
+    routed: int = 0  # placed by weights
+    errors: list[dict] = field(default_factory=list)  # {repo_id, status, reason}
+    per_tree: dict[str, int] = field(default_factory=dict)  # all current models per tree
+    watermark: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def location(source: Source, repo_id: str, sha: str) -> RepoLocation:
+    if isinstance(source, LocalSource):
+        return RepoLocation(repo_id, sha, local_dir=str(source.root / repo_id))
+    if isinstance(source, HubSource):
+        return RepoLocation(repo_id, sha, endpoint=source.endpoint, token=source.auth_token)
+    raise TypeError(f"unknown source type {type(source).__name__}")
+
+
+def model_row(rec: ModelRecord, source: Source) -> dict:
+    return {
+        "repo_id": rec.repo_id, "sha": rec.sha, "status": rec.status, "reason": rec.reason,
+        "parents": list(rec.base_model), "relation": rec.base_model_relation,
+        "license": rec.license, "tags": list(rec.tags), "datasets": list(rec.datasets),
+        "pipeline_tag": rec.pipeline_tag, "library_name": rec.library_name,
+        "labels": [rec.id2label[k] for k in sorted(rec.id2label, key=_label_order)] if rec.id2label else None,
+        "files": [{"path": f.path, "size": f.size} for f in rec.files],
+        "created_at": rec.created_at, "last_modified": rec.last_modified, "source": source.name,
+        "adapter_modules": None,
+    }
+
+
+def _label_order(key: str):
+    return (0, int(key)) if str(key).isdigit() else (1, str(key))
+
+
+def _files(row: dict) -> tuple[str, ...]:
+    return tuple(f["path"] for f in row["files"] or [])
+
+
+def _is_adapter(row: dict) -> bool:
+    files = _files(row)
+    return ADAPTER_WEIGHTS in files and "model.safetensors" not in files
+
+
+def _adapter_signature(source: Source, row: dict) -> list[str] | None:
+    """'module|in|out' for each LoRA module, read from the adapter's header only."""
+    try:
+        shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), _files(row))
+    except (TensorReadError, OSError) as e:
+        row["reason"] = f"unreadable adapter header: {e}"
+        return None
+    return sorted(f"{m}|{s[1]}|{s[0]}" for m, s in adapter_layer_shapes(shapes).items())
+
+
+def _parse_signature(items) -> set[tuple[str, int, int]]:
+    out = set()
+    for s in items or []:
+        m, i, o = s.rsplit("|", 2)
+        out.add((m, int(i), int(o)))
+    return out
+
+
+def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSignature]:
+    """A signature per tree: its root's fingerprint tensors (when the root is readable here) and
+    the union of its adapters' module signatures."""
+    sigs: dict[str, TreeSignature] = {}
+    for row in current.values():
+        t = row.get("tree_id")
+        if not t or row.get("lineage_source") != "card":
+            continue
+        sig = sigs.setdefault(t, TreeSignature(t))
+        sig.adapter_modules |= _parse_signature(row.get("adapter_modules"))
+    for t, sig in sigs.items():
+        root = current.get(t)
+        if root is None or _is_adapter(root) or "model.safetensors" not in _files(root):
+            continue
+        try:
+            loc = location(source, root["repo_id"], root["sha"])
+            shapes, _ = header_shapes(loc, _files(root))
+            names = fingerprint_names(shapes)
+            sig.root_tensors = read_repo_tensors(loc.open, names, _files(root), check=False).tensors
+        except (TensorReadError, OSError):
+            continue
+    return list(sigs.values())
+
+
+def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Fingerprint:
+    fp = Fingerprint(row["repo_id"])
+    if _is_adapter(row):
+        fp.adapter_modules = _parse_signature(row.get("adapter_modules"))
+        return fp
+    if "model.safetensors" not in _files(row) and "model.safetensors.index.json" not in _files(row):
+        return fp
+    loc = location(source, row["repo_id"], row["sha"])
+    try:
+        shapes, _ = header_shapes(loc, _files(row))
+    except (TensorReadError, OSError):
+        return fp
+    wanted = {n for s in sigs for n, ref in s.root_tensors.items() if tuple(shapes.get(n, ())) == ref.shape}
+    if wanted:
+        try:
+            fp.tensors = read_repo_tensors(loc.open, sorted(wanted), _files(row), check=False).tensors
+        except (TensorReadError, OSError):
+            pass
+    return fp
+
+
+def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = None,
+                 until: datetime | None = None, limit: int | None = None,
+                 incremental: bool = True, on_record=None) -> CrawlSummary:
+    t0 = time.perf_counter()
+    summary = CrawlSummary(source.name)
+    if since is None and until is None and incremental:
+        since = catalog.watermark(source.name)
+
+    existing = catalog.read(MODELS).to_pylist()
+    known = {(r["repo_id"], r["sha"]): r for r in existing}
+    latest_sha: dict[str, str] = {}
+    for r in existing:
+        if r["status"] != "superseded":
+            latest_sha[r["repo_id"]] = r["sha"]
+
+    records: list[ModelRecord] = []
+    for rec in source.list_models(since=since, until=until, limit=limit):
+        records.append(rec)
+        if on_record:
+            on_record(rec)
+    summary.seen = len(records)
+
+    fresh: dict[tuple[str, str], dict] = {}
+    for rec in records:
+        key = (rec.repo_id, rec.sha)
+        if key in known:
+            continue
+        row = model_row(rec, source)
+        if rec.status == "ok" and _is_adapter(row):
+            row["adapter_modules"] = _adapter_signature(source, row)
+        fresh[key] = row
+        if rec.repo_id in latest_sha:
+            summary.changed += 1
+        else:
+            summary.new += 1
+    summary.unchanged = summary.seen - len(fresh)
+
+    # Current view: one row per repo id (the newest sha), old shas marked superseded.
+    current: dict[str, dict] = {r["repo_id"]: dict(r) for r in existing if r["status"] != "superseded"}
+    superseded = []
+    for (repo_id, sha), row in fresh.items():
+        old = current.get(repo_id)
+        if old is not None and old["sha"] != sha:
+            superseded.append({**old, "status": "superseded", "reason": f"newer revision {sha}"})
+        current[repo_id] = row
+
+    # Lineage over everything we know, then weight routing for the models lineage cannot place.
+    placements = place({m: (r["parents"] or [], r["relation"]) for m, r in current.items()})
+    to_route = []
+    touched: list[dict] = []
+    for repo_id, row in current.items():
+        p = placements[repo_id]
+        is_fresh = (repo_id, row["sha"]) in fresh
+        before = (row.get("tree_id"), row.get("parent"), tuple(row.get("flags") or ()))
+        routed_before = row.get("lineage_source") == "weights"
+        if p.tree_id is None and routed_before:
+            continue  # placed by weights in an earlier run: keep it
+        row["tree_id"], row["parent"] = p.tree_id, p.parent
+        row["flags"] = sorted(p.flags)
+        row["lineage_source"] = "card" if p.tree_id is not None else None
+        if row["status"] in CRAWL_STATUSES:
+            row["status"] = "ok" if p.tree_id is not None else "unassigned"
+        if p.tree_id is None and row["status"] in CRAWL_STATUSES and is_fresh:
+            to_route.append(row)
+        if is_fresh:
+            touched.append(row)
+        elif before != (row["tree_id"], row["parent"], tuple(row["flags"])):
+            summary.replaced += 1
+            touched.append(row)
+
+    if to_route:
+        sigs = _tree_signatures(source, current)
+        for row in to_route:
+            decision = route(_fingerprint(source, row, sigs), sigs)
+            row["route_distances"] = json.dumps(
+                {k: (round(v, 6) if math.isfinite(v) else None) for k, v in decision.distances.items()})
+            if decision.tree_id is not None:
+                row["tree_id"], row["lineage_source"], row["status"] = decision.tree_id, "weights", "ok"
+                row["reason"] = f"routed by weights: {decision.reason}"
+                summary.routed += 1
+            else:
+                row["reason"] = f"unassigned: {decision.reason}"
+
+    catalog.upsert_models(superseded + touched)
+    _refresh_trees(catalog)
+
+    for row in current.values():
+        if row["status"] == "unassigned":
+            summary.unassigned += 1
+        elif row["status"] not in ("ok", "quarantined") and (row["repo_id"], row["sha"]) in fresh:
+            summary.errors.append({"repo_id": row["repo_id"], "status": row["status"], "reason": row["reason"]})
+        if row.get("tree_id") and row["status"] != "superseded":
+            summary.per_tree[row["tree_id"]] = summary.per_tree.get(row["tree_id"], 0) + 1
+
+    # The watermark: only after the commit, and not when a limit may have left older models unread.
+    if records and not (limit is not None and len(records) >= limit) and until is None:
+        newest = max((r.last_modified for r in records if r.last_modified), default=None)
+        old = catalog.watermark(source.name)
+        if newest is not None and (old is None or newest > old):
+            catalog.set_watermark(source.name, newest)
+    wm = catalog.watermark(source.name)
+    summary.watermark = wm.isoformat() if wm else None
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _refresh_trees(catalog: Catalog) -> None:
+    """Recompute per-tree counts from the current models; keep each tree's expert columns."""
+    rows = [r for r in catalog.read(MODELS).to_pylist() if r["status"] != "superseded" and r["tree_id"]]
+    old = {r["tree_id"]: r for r in catalog.read("trees").to_pylist()}
+    trees: dict[str, dict] = {}
+    for r in rows:
+        t = trees.setdefault(r["tree_id"], {
+            "tree_id": r["tree_id"], "root": r["tree_id"], "n_models": 0, "n_finetune": 0,
+            "n_adapter": 0, "n_other": 0,
+            **{k: old.get(r["tree_id"], {}).get(k) for k in ("layer", "expert_version", "task",
+                                                             "candidate_layers")},
+        })
+        t["n_models"] += 1
+        if r["repo_id"] == r["tree_id"]:
+            continue
+        kind = "n_adapter" if _is_adapter(r) or r["relation"] == "adapter" else (
+            "n_finetune" if r["relation"] in (None, "finetune") else "n_other")
+        t[kind] += 1
+    catalog.upsert_trees(list(trees.values()))
