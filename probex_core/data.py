@@ -1,0 +1,372 @@
+"""The in-memory dataset of one tree's layer: one row per model, dense or LoRA-factored.
+
+A layer row is either
+  dense:  X (d_H x d_W) float32                     (conv kernels flattened to out x in*k*k)
+  LoRA:   A (r x d_W), B (d_H x r), scale           X = scale * B @ A, never formed for ProbeX
+
+Rows of one layer may mix LoRA ranks (8 and 16): factors are zero-padded to the largest rank,
+which is exact for B @ A (the padded rank-components contribute 0). If a layer mixes dense and
+LoRA rows (a tree with both full fine-tunes and adapters), the LoRA rows are densified.
+
+Labels are optional (an unlabelled dataset is what inference embeds):
+  task "multilabel": y (n x C) float multi-hot over `classes`
+  task "text":       y (n,) long, index into `classes` (one concept per model)
+
+Bad input raises a typed `ExpertError` naming the tree / layer / model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ExpertError(Exception):
+    """Anything that stops an expert from being built or applied; names the tree/layer/model."""
+
+    def __init__(self, message: str, *, tree: str | None = None, layer: str | None = None,
+                 model: str | None = None):
+        self.tree, self.layer, self.model = tree, layer, model
+        where = ", ".join(f"{k}={v}" for k, v in (("tree", tree), ("layer", layer), ("model", model))
+                          if v is not None)
+        super().__init__(f"{message} [{where}]" if where else message)
+
+
+class ShapeMismatchError(ExpertError):
+    """A row whose shape differs from the tree's layer (or malformed LoRA factors)."""
+
+
+class EmptyDatasetError(ExpertError):
+    """No rows (or too few labelled models) to train / evaluate on."""
+
+
+class VocabularyError(ExpertError):
+    """A class vocabulary of fewer than two classes, or a label outside the vocabulary."""
+
+
+class NonFiniteError(ExpertError):
+    """NaN or inf in a weight row."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+@dataclass
+class WeightRow:
+    """One model's layer as the extraction step hands it over (numpy or torch arrays)."""
+
+    repo_id: str
+    X: object = None  # (d_H, d_W) or a conv kernel (out, in, k, k); None for LoRA
+    A: object = None  # (r, d_W)
+    B: object = None  # (d_H, r)
+    scale: float = 1.0  # LoRA: alpha / r (alpha / sqrt(r) for rsLoRA); ignored for dense
+
+    @property
+    def is_lora(self) -> bool:
+        return self.X is None
+
+
+@dataclass
+class WeightBatch:
+    """A batch of rows on one device. Exactly one of (X) or (A, B, scale) is set."""
+
+    X: torch.Tensor | None = None  # (n, d_H, d_W)
+    A: torch.Tensor | None = None  # (n, r, d_W)  zero-padded to the batch's max rank
+    B: torch.Tensor | None = None  # (n, d_H, r)
+    scale: torch.Tensor | None = None  # (n,)
+    y: torch.Tensor | None = None  # (n, C) float or (n,) long
+    index: torch.Tensor | None = None  # (n,) row ids in the dataset
+
+    @property
+    def is_lora(self) -> bool:
+        return self.X is None
+
+    def __len__(self) -> int:
+        return int((self.X if self.X is not None else self.A).shape[0])
+
+    def to(self, device) -> "WeightBatch":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return WeightBatch(mv(self.X), mv(self.A), mv(self.B), mv(self.scale), mv(self.y),
+                           mv(self.index))
+
+    def dense(self) -> torch.Tensor:
+        """X (n, d_H, d_W), formed from the factors when needed (baselines only)."""
+        if self.X is not None:
+            return self.X
+        return self.scale[:, None, None] * (self.B @ self.A)  # (n,d_H,r)@(n,r,d_W)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float32)
+    return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+
+
+@dataclass
+class LayerDataset:
+    """All rows of one (tree, layer), kept compact: LoRA rows stay factored."""
+
+    tree: str
+    layer: str
+    d_H: int
+    d_W: int
+    repo_ids: list[str]
+    X: torch.Tensor | None = None  # (n, d_H, d_W)
+    A: torch.Tensor | None = None  # (n, r_max, d_W)
+    B: torch.Tensor | None = None  # (n, d_H, r_max)
+    scale: torch.Tensor | None = None  # (n,)
+    task: str | None = None  # "multilabel" | "text" | None (unlabelled)
+    classes: list[str] = field(default_factory=list)
+    y: torch.Tensor | None = None
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_rows(cls, rows: Sequence[WeightRow], *, tree: str, layer: str,
+                  labels: Sequence | None = None, task: str | None = None,
+                  classes: Sequence[str] | None = None,
+                  shape: tuple[int, int] | None = None) -> "LayerDataset":
+        """Validate and stack rows.
+
+        labels: per row, a list of class names (task "multilabel") or one class name ("text").
+        classes: the vocabulary (order = output order); default the sorted union of `labels`.
+                 Pass the training vocabulary when building val/test sets.
+        shape: the tree's expected (d_H, d_W); default the first row's.
+        """
+        if len(rows) == 0:
+            raise EmptyDatasetError("no rows for this layer", tree=tree, layer=layer)
+        if labels is not None and len(labels) != len(rows):
+            raise ExpertError(f"{len(labels)} labels for {len(rows)} rows", tree=tree, layer=layer)
+
+        mats: list[tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, float]] = []
+        for row in rows:
+            where = dict(tree=tree, layer=layer, model=row.repo_id)
+            if row.X is not None:
+                X = _as_tensor(row.X)
+                if X.dim() == 4:  # conv kernel out x in x k x k -> out x (in*k*k)
+                    X = X.reshape(X.shape[0], -1)
+                if X.dim() != 2:
+                    raise ShapeMismatchError(f"weight has shape {tuple(X.shape)}, expected 2-D", **where)
+                got = tuple(X.shape)
+                A = B = None
+            else:
+                if row.A is None or row.B is None:
+                    raise ShapeMismatchError("row has neither X nor both LoRA factors", **where)
+                A, B = _as_tensor(row.A), _as_tensor(row.B)
+                if A.dim() == 4:  # PEFT conv LoRA: A (r, in, k, k), B (out, r, 1, 1)
+                    A = A.reshape(A.shape[0], -1)
+                if B.dim() == 4:
+                    B = B.reshape(B.shape[0], -1)
+                if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                    raise ShapeMismatchError(f"LoRA factors A{tuple(A.shape)} B{tuple(B.shape)} "
+                                             "do not compose (need A: r x d_W, B: d_H x r)", **where)
+                got = (B.shape[0], A.shape[1])
+                X = None
+                if not np.isfinite(row.scale):
+                    raise NonFiniteError(f"LoRA scale is {row.scale}", **where)
+            if shape is None:
+                shape = got
+            if got != tuple(shape):
+                raise ShapeMismatchError(f"layer shape {got} differs from the tree's {tuple(shape)}",
+                                         **where)
+            for name, t in (("X", X), ("A", A), ("B", B)):
+                if t is not None and not torch.isfinite(t).all():
+                    raise NonFiniteError(f"{name} contains NaN or inf", **where)
+            mats.append((row.repo_id, X, A, B, float(row.scale)))
+
+        d_H, d_W = shape
+        ds = cls(tree=tree, layer=layer, d_H=d_H, d_W=d_W, repo_ids=[m[0] for m in mats])
+        if all(m[1] is None for m in mats):  # all LoRA: pad to max rank
+            r_max = max(m[2].shape[0] for m in mats)
+            n = len(mats)
+            ds.A = torch.zeros(n, r_max, d_W)
+            ds.B = torch.zeros(n, d_H, r_max)
+            for i, (_, _, A, B, _) in enumerate(mats):
+                ds.A[i, : A.shape[0]] = A
+                ds.B[i, :, : B.shape[1]] = B
+            ds.scale = torch.tensor([m[4] for m in mats], dtype=torch.float32)
+        else:  # dense (densify any LoRA rows)
+            ds.X = torch.stack([m[1] if m[1] is not None else m[4] * (m[3] @ m[2]) for m in mats])
+
+        if labels is not None:
+            ds._set_labels(labels, task, classes)
+        return ds
+
+    def _set_labels(self, labels, task, classes) -> None:
+        if task not in ("multilabel", "text"):
+            raise ExpertError(f"task must be 'multilabel' or 'text', got {task!r}",
+                              tree=self.tree, layer=self.layer)
+        if task == "multilabel":
+            sets = [[labels_i] if isinstance(labels_i, str) else list(labels_i) for labels_i in labels]
+            vocab = list(classes) if classes is not None else sorted({c for s in sets for c in s})
+        else:
+            sets = [[lab] if isinstance(lab, str) else list(lab) for lab in labels]
+            for rid, s in zip(self.repo_ids, sets):
+                if len(s) != 1:
+                    raise VocabularyError(f"text task needs exactly one class per model, got {s}",
+                                          tree=self.tree, layer=self.layer, model=rid)
+            vocab = list(classes) if classes is not None else sorted({s[0] for s in sets})
+        if len(vocab) < 2:
+            raise VocabularyError(f"class vocabulary {vocab} has fewer than two classes",
+                                  tree=self.tree, layer=self.layer)
+        pos = {c: i for i, c in enumerate(vocab)}
+        for rid, s in zip(self.repo_ids, sets):
+            for c in s:
+                if c not in pos:
+                    raise VocabularyError(f"label {c!r} is not in the vocabulary", tree=self.tree,
+                                          layer=self.layer, model=rid)
+        self.task, self.classes = task, vocab
+        if task == "multilabel":
+            y = torch.zeros(len(sets), len(vocab))
+            for i, s in enumerate(sets):
+                y[i, [pos[c] for c in s]] = 1.0
+        else:
+            y = torch.tensor([pos[s[0]] for s in sets], dtype=torch.long)
+        self.y = y
+
+    # -- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.repo_ids)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.X is None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.A is None else int(self.A.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def batch(self, idx=None) -> WeightBatch:
+        """Rows `idx` (a LongTensor / list; all rows when None) as a WeightBatch on the CPU."""
+        if idx is None:
+            idx = torch.arange(len(self))
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return WeightBatch(X=pick(self.X), A=pick(self.A), B=pick(self.B), scale=pick(self.scale),
+                           y=pick(self.y), index=idx)
+
+    def subset(self, idx) -> "LayerDataset":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return LayerDataset(tree=self.tree, layer=self.layer, d_H=self.d_H, d_W=self.d_W,
+                            repo_ids=[self.repo_ids[i] for i in idx.tolist()], X=pick(self.X),
+                            A=pick(self.A), B=pick(self.B), scale=pick(self.scale), task=self.task,
+                            classes=list(self.classes), y=pick(self.y))
+
+    def to(self, device) -> "LayerDataset":
+        """A copy whose tensors live on `device` (move once, then batch without copies)."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerDataset(tree=self.tree, layer=self.layer, d_H=self.d_H, d_W=self.d_W,
+                            repo_ids=list(self.repo_ids), X=mv(self.X), A=mv(self.A), B=mv(self.B),
+                            scale=mv(self.scale), task=self.task, classes=list(self.classes),
+                            y=mv(self.y))
+
+    def with_classes(self, vocab: Sequence[str]) -> "LayerDataset":
+        """Re-express multi-label targets over another vocabulary (e.g. a union over trees)."""
+        if self.task != "multilabel":
+            raise VocabularyError("with_classes needs a multi-label dataset", tree=self.tree,
+                                  layer=self.layer)
+        labels = [[self.classes[j] for j in torch.nonzero(r).flatten().tolist()] for r in self.y]
+        out = self.subset(torch.arange(len(self)))
+        out._set_labels(labels, "multilabel", vocab)
+        return out
+
+    # -- statistics used for input normalisation ----------------------------------------------
+    def mean_matrix(self, chunk: int = 64) -> torch.Tensor:
+        """Mean of X over rows (d_H, d_W); formed chunk by chunk for LoRA rows."""
+        total = torch.zeros(self.d_H, self.d_W, device=(self.X if self.X is not None else self.A).device)
+        for s in range(0, len(self), chunk):
+            total += self.batch(torch.arange(s, min(s + chunk, len(self)))).dense().sum(0)
+        return total / len(self)
+
+    def frobenius_norms(self, center: torch.Tensor | None = None) -> torch.Tensor:
+        """||X_i - center||_F per row (n,). LoRA without center: via r x r Gram matrices."""
+        if self.X is not None:
+            Xc = self.X if center is None else self.X - center
+            return Xc.flatten(1).norm(dim=1)
+        if center is None:
+            # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)), both r x r
+            g = (self.B.transpose(1, 2) @ self.B) * (self.A @ self.A.transpose(1, 2))
+            return self.scale.abs() * g.sum(dim=(1, 2)).clamp_min(0).sqrt()
+        out = []
+        for s in range(0, len(self), 64):
+            Xb = self.batch(torch.arange(s, min(s + 64, len(self)))).dense() - center
+            out.append(Xb.flatten(1).norm(dim=1))
+        return torch.cat(out)
+
+
+def concat_datasets(parts: Sequence[LayerDataset], *, tree: str = "*", layer: str | None = None
+                    ) -> LayerDataset:
+    """Stack datasets of equal layer shape, task and vocabulary (e.g. several trees' rows for a
+    single cross-tree model). LoRA factors are zero-padded to the largest rank; a mix of dense
+    and LoRA parts is densified."""
+    if not parts:
+        raise EmptyDatasetError("nothing to concatenate", tree=tree, layer=layer)
+    p0 = parts[0]
+    for p in parts[1:]:
+        if (p.d_H, p.d_W) != (p0.d_H, p0.d_W):
+            raise ShapeMismatchError(f"layer shape {(p.d_H, p.d_W)} differs from {(p0.d_H, p0.d_W)}",
+                                     tree=p.tree, layer=p.layer)
+        if p.task != p0.task or p.classes != p0.classes:
+            raise VocabularyError("parts differ in task or class vocabulary (use with_classes)",
+                                  tree=p.tree, layer=p.layer)
+    out = LayerDataset(tree=tree, layer=layer or p0.layer, d_H=p0.d_H, d_W=p0.d_W,
+                       repo_ids=[r for p in parts for r in p.repo_ids], task=p0.task,
+                       classes=list(p0.classes))
+    if all(p.is_lora for p in parts):
+        r_max = max(p.rank for p in parts)
+        out.A = torch.cat([torch.nn.functional.pad(p.A, (0, 0, 0, r_max - p.rank)) for p in parts])
+        out.B = torch.cat([torch.nn.functional.pad(p.B, (0, r_max - p.rank)) for p in parts])
+        out.scale = torch.cat([p.scale for p in parts])
+    else:
+        out.X = torch.cat([p.batch().dense() for p in parts])
+    if p0.y is not None:
+        out.y = torch.cat([p.y for p in parts])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic trees (tests, benchmarks, smoke runs): a known signal in LoRA-shaped rows
+
+
+def synthetic_rows(n_models: int, d_H: int, d_W: int, *, classes: Sequence[str],
+                   class_codes: np.ndarray, labels_of: Sequence[Sequence[int]], ranks=(8, 16),
+                   signal: float = 1.0, noise: float = 0.3, scale: float = 1e-3,
+                   dense: bool = False, seed: int = 0, mixing_seed: int = 1234,
+                   ) -> tuple[list[WeightRow], list[list[str]]]:
+    """Rows built as a tree's children would be: a shared LoRA init A0 (one seed per tree), and
+    B's columns a fixed linear function of the sum of the model's class codes, plus noise.
+
+    class_codes: (n_classes, c) vectors that determine each class's update direction (for the
+    text head, the classes' text embeddings, which makes zero-shot learnable). `mixing_seed`
+    fixes the tree (A0 and the code -> B map); `seed` draws the models. Dense rows when `dense`.
+    """
+    tree_rng = np.random.default_rng(mixing_seed)
+    r_max = max(ranks)
+    A0 = tree_rng.standard_normal((r_max, d_W)) / np.sqrt(d_W)
+    W = tree_rng.standard_normal((r_max, d_H, class_codes.shape[1])) / np.sqrt(class_codes.shape[1])
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for i in range(n_models):
+        r = ranks[i % len(ranks)]
+        code = class_codes[list(labels_of[i])].sum(0)  # (c,)
+        B = signal * np.einsum("rhc,c->hr", W[:r], code) + noise * rng.standard_normal((d_H, r))
+        A = A0[:r] + 0.1 * noise * rng.standard_normal((r, d_W))
+        rid = f"synthetic/model-{seed}-{i}"
+        if dense:
+            rows.append(WeightRow(rid, X=(scale * B @ A).astype(np.float32)))
+        else:
+            rows.append(WeightRow(rid, A=A.astype(np.float32), B=B.astype(np.float32), scale=scale))
+        labels.append([classes[j] for j in labels_of[i]])
+    return rows, labels

@@ -1,0 +1,51 @@
+"""Device choice and seeding: CUDA when there is one, else the CPU with an explicit thread count."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity / container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pick_device(preference: str = "auto", threads: int | None = None) -> torch.device:
+    """"auto" -> cuda when available else cpu; "cpu" / "cuda" / "cuda:N" as given.
+
+    Always sets torch's CPU thread count explicitly (Dask sets OMP_NUM_THREADS=1 in the parent
+    process, which would otherwise silently make torch single-threaded): `threads`, else
+    $PROBEX_TORCH_THREADS, else every core this process may use.
+    """
+    n = threads or int(os.environ.get("PROBEX_TORCH_THREADS") or 0) or cpu_count()
+    torch.set_num_threads(n)
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
+    return torch.device(pref)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed python, numpy and torch (CPU and CUDA).
+
+    The CPU kernels used here (matmul, Adam, reductions) are deterministic for a fixed thread
+    count, so CPU runs repeat exactly. With `deterministic` and CUDA present, also ask torch for
+    deterministic CUDA kernels (best effort). (torch.use_deterministic_algorithms is not called
+    on CPU-only machines: it imports torch._inductor, about 9 s on 2 cores.)"""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic and torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)

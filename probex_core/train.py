@@ -1,0 +1,389 @@
+"""Training loops for ProbeX experts (both heads), evaluation, and the layer sweep.
+
+    result = train_expert(train_ds, val_ds, config_for(train_ds, "multilabel"), TrainConfig())
+    result.model, result.config, result.history, result.best_val, result.seconds
+
+The loop is explicit (no framework): shuffle with a seeded generator, Adam, one validation pass
+per epoch, keep the best validation state, stop after `patience` epochs without improvement.
+Selection key: (val accuracy for multilabel | val top-1 for text, then lower val loss).
+`fit` is model-agnostic: the baselines (Dense, StatNN) train through it with the same protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import metrics
+from .data import EmptyDatasetError, ExpertError, LayerDataset, ShapeMismatchError, VocabularyError
+from .device import pick_device, seed_everything
+from .probex import ProbeX, ProbeXConfig
+
+# Paper defaults per head: Adam lr, epochs. Weight decay 1e-5 for both (the paper gives it for the
+# multi-label head; nothing is said for the text head, we keep the same protocol).
+HEAD_DEFAULTS = {"multilabel": dict(lr=1e-3, max_epochs=500), "text": dict(lr=2e-3, max_epochs=200)}
+
+
+@dataclass
+class TrainConfig:
+    lr: float | None = None  # None: 1e-3 multilabel, 2e-3 text
+    weight_decay: float = 1e-5
+    batch_size: int = 128
+    max_epochs: int | None = None  # None: 500 multilabel, 200 text
+    patience: int | None = 50  # epochs without val improvement before stopping; None: never
+    seed: int = 0
+    device: str = "cpu"  # "auto" | "cpu" | "cuda"
+    threads: int | None = None  # torch CPU threads; None: all this process may use
+    center: str | bool = "auto"  # subtract the mean training matrix; "auto": for dense rows only
+    normalise: bool = True  # divide by the mean Frobenius norm of the training rows
+    min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
+    time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
+    verbose: bool = False
+
+    def resolved(self, head: str) -> "TrainConfig":
+        d = HEAD_DEFAULTS[head]
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else d["lr"],
+                                   max_epochs=self.max_epochs if self.max_epochs is not None
+                                   else d["max_epochs"])
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # best-validation state, on the CPU, in eval mode
+    config: object  # the model's config (ProbeXConfig with normalisation filled in)
+    history: list[dict]  # per epoch: epoch, train_loss, val_loss, val metric(s)
+    best_epoch: int
+    best_val: dict  # validation metrics at best_epoch
+    seconds: float
+    epochs_run: int
+    n_params: int
+    kind: str = "probex"  # "probex" | "dense" | "statnn"
+    stopped: str = ""  # "patience" | "max_epochs" | "time_limit"
+
+    @property
+    def score(self) -> tuple:
+        return selection_key(self.best_val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration helpers
+
+
+def config_for(ds: LayerDataset, head: str | None = None, **kw) -> ProbeXConfig:
+    """A ProbeXConfig sized for a dataset's layer (and its class count for multilabel)."""
+    head = head or ("text" if ds.task == "text" else "multilabel")
+    n_out = ds.n_classes if head == "multilabel" else 0
+    return ProbeXConfig(d_H=ds.d_H, d_W=ds.d_W, head=head, n_outputs=kw.pop("n_outputs", n_out), **kw)
+
+
+def normalisation_stats(train: LayerDataset, center: str | bool = "auto", normalise: bool = True
+                        ) -> tuple[torch.Tensor | None, float]:
+    """(mean matrix or None, input_scale) from the training rows only."""
+    do_center = (not train.is_lora) if center == "auto" else bool(center)
+    mean = train.mean_matrix() if do_center else None
+    scale = 1.0
+    if normalise:
+        scale = float(train.frobenius_norms(mean).mean())
+        if not np.isfinite(scale) or scale <= 0:
+            scale = 1.0  # all-zero rows (e.g. untrained LoRA B = 0): nothing to rescale
+    return mean, scale
+
+
+def check_datasets(train: LayerDataset, val: LayerDataset | None, head: str, d_H: int, d_W: int,
+                   text_emb: torch.Tensor | None, min_train: int) -> None:
+    where = dict(tree=train.tree, layer=train.layer)
+    if train.y is None:
+        raise ExpertError("training rows have no labels", **where)
+    if len(train) < min_train:
+        raise EmptyDatasetError(f"too few labelled models to train an expert ({len(train)} < "
+                                f"{min_train})", **where)
+    want = "text" if head == "text" else "multilabel"
+    for ds in (train, val):
+        if ds is None:
+            continue
+        if ds.task != want:
+            raise ExpertError(f"dataset task {ds.task!r} does not fit the {head!r} head",
+                              tree=ds.tree, layer=ds.layer)
+        if (ds.d_H, ds.d_W) != (d_H, d_W):
+            raise ShapeMismatchError(f"layer shape {(ds.d_H, ds.d_W)} differs from the expert's "
+                                     f"{(d_H, d_W)}", tree=ds.tree, layer=ds.layer)
+        if ds.classes != train.classes:
+            raise VocabularyError("validation classes differ from training classes (build val "
+                                  "with classes=train.classes)", tree=ds.tree, layer=ds.layer)
+    if head == "text":
+        if text_emb is None or text_emb.shape[0] != train.n_classes:
+            raise ExpertError(f"text head needs one text embedding per training class "
+                              f"({train.n_classes}), got "
+                              f"{None if text_emb is None else tuple(text_emb.shape)}", **where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def selection_key(m: Mapping) -> tuple:
+    main = m.get("accuracy", m.get("top1", 0.0))
+    return (round(float(main), 6), -float(m.get("loss", 0.0)))
+
+
+def loss_fn(head: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if head == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def _inputs(model: nn.Module, ds: LayerDataset, device):
+    """What the model consumes: the dataset itself (ProbeX, Dense) or prepared features (StatNN)."""
+    prep = getattr(model, "prepare", None)
+    return (prep(ds) if prep is not None else ds).to(device)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs, head: str, text_emb=None, batch_size: int = 256,
+                   device=None) -> torch.Tensor:
+    """Logits for every row of `inputs` (a LayerDataset, or prepared features), on the CPU."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    if isinstance(inputs, LayerDataset) and hasattr(model, "prepare"):
+        inputs = model.prepare(inputs)
+    inputs = inputs.to(device)
+    t = None if text_emb is None else torch.as_tensor(text_emb, dtype=torch.float32).to(device)
+    out = []
+    for s in range(0, len(inputs), batch_size):
+        b = inputs.batch(torch.arange(s, min(s + batch_size, len(inputs)), device=device))
+        out.append(model(b, t).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, ds: LayerDataset, head: str, text_emb=None, device=None) -> dict:
+    """In-distribution metrics with loss: multilabel -> accuracy, map; text -> top1, top5."""
+    logits = predict_logits(model, ds, head, text_emb, device=device)
+    y = ds.y.cpu()
+    out = {"loss": float(loss_fn(head, logits, y))}
+    if head == "multilabel":
+        out.update(metrics.multilabel_report(logits, y))
+    else:
+        out.update(metrics.text_report(logits, y))
+    return out
+
+
+def evaluate_zeroshot(model: nn.Module, heldout: LayerDataset, heldout_text_emb, device=None) -> dict:
+    """Zero-shot top-1/top-5: held-out models scored only against the held-out classes' texts
+    (heldout.classes, with heldout_text_emb in that order)."""
+    logits = predict_logits(model, heldout, "text", heldout_text_emb, device=device)
+    out = metrics.zeroshot_report(logits, heldout.y.cpu())
+    out["zeroshot_retrieval_map"] = metrics.retrieval_map(logits, heldout.y.cpu())
+    return out
+
+
+@torch.no_grad()
+def embed(model: nn.Module, ds: LayerDataset, batch_size: int = 256, device=None) -> np.ndarray:
+    """Each row's representation e (n, r_T) as float32 numpy: what the catalog stores."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    inputs = (model.prepare(ds) if hasattr(model, "prepare") else ds).to(device)
+    out = [model.encode(inputs.batch(torch.arange(s, min(s + batch_size, len(inputs)), device=device)))
+           .float().cpu() for s in range(0, len(inputs), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def fit(model: nn.Module, train: LayerDataset, val: LayerDataset | None, head: str,
+        tcfg: TrainConfig, text_emb: torch.Tensor | None = None, config=None,
+        kind: str = "probex") -> TrainResult:
+    """Train `model` (already built and seeded) with Adam; keep the best validation state."""
+    tcfg = tcfg.resolved(head)
+    prev_threads = torch.get_num_threads()
+    device = pick_device(tcfg.device, tcfg.threads)
+    try:
+        return _fit(model, train, val, head, tcfg, text_emb, config, kind, device)
+    finally:
+        torch.set_num_threads(prev_threads)  # training's thread count does not leak out
+
+
+def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> TrainResult:
+    model.to(device)
+    tr, va = _inputs(model, train, device), (None if val is None or len(val) == 0
+                                             else _inputs(model, val, device))
+    t_emb = None if text_emb is None else torch.as_tensor(text_emb, dtype=torch.float32).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
+                           weight_decay=tcfg.weight_decay)
+    gen = torch.Generator().manual_seed(tcfg.seed)  # CPU generator: same order on any device
+
+    history: list[dict] = []
+    best_key, best_state, best_epoch, best_val = None, None, 0, {}
+    since_best, stopped = 0, "max_epochs"
+    t0 = time.perf_counter()
+    for epoch in range(1, tcfg.max_epochs + 1):
+        model.train()
+        perm = torch.randperm(len(tr), generator=gen).to(device)
+        total, seen = 0.0, 0
+        for s in range(0, len(tr), tcfg.batch_size):
+            b = tr.batch(perm[s: s + tcfg.batch_size])
+            loss = loss_fn(head, model(b, t_emb), b.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            seen += len(b)
+        row = {"epoch": epoch, "train_loss": total / seen}
+        if va is not None:
+            m = _eval_inputs(model, va, head, t_emb)
+            row.update({f"val_{k}": v for k, v in m.items()})
+        else:
+            m = {"loss": row["train_loss"]}  # no validation rows: select on training loss
+        history.append(row)
+        key = selection_key(m)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, best_val, since_best = key, epoch, m, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            since_best += 1
+        if tcfg.verbose:
+            print(f"[{kind}] epoch {epoch}: {row}", flush=True)
+        if tcfg.patience is not None and since_best >= tcfg.patience:
+            stopped = "patience"
+            break
+        if tcfg.time_limit_s is not None and time.perf_counter() - t0 > tcfg.time_limit_s:
+            stopped = "time_limit"
+            break
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    return TrainResult(model=model, config=config, history=history, best_epoch=best_epoch,
+                       best_val=best_val, seconds=seconds, epochs_run=len(history),
+                       n_params=n_params, kind=kind, stopped=stopped)
+
+
+@torch.no_grad()
+def _eval_inputs(model, inputs, head, t_emb, batch_size: int = 256) -> dict:
+    model.eval()
+    dev = next(model.parameters()).device
+    logits = torch.cat([model(inputs.batch(torch.arange(s, min(s + batch_size, len(inputs)),
+                                                        device=dev)), t_emb)
+                        for s in range(0, len(inputs), batch_size)])
+    y = inputs.y
+    out = {"loss": float(loss_fn(head, logits, y))}
+    if head == "multilabel":
+        out["accuracy"] = metrics.multilabel_accuracy(torch.sigmoid(logits), y)
+    else:
+        out["top1"] = metrics.topk_accuracy(logits, y, 1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ProbeX experts
+
+
+def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> ProbeX:
+    """Seeded ProbeX with the input normalisation computed on the training rows."""
+    mean, scale = normalisation_stats(train, tcfg.center, tcfg.normalise)
+    cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None)
+    seed_everything(tcfg.seed)
+    model = ProbeX(cfg)
+    if mean is not None:
+        model.input_mean.copy_(mean)
+    return model
+
+
+def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfig,
+                 tcfg: TrainConfig | None = None, text_emb=None) -> TrainResult:
+    """Train one ProbeX expert on a tree's layer; returns the best-validation model.
+
+    text_emb: for the text head, the frozen text embeddings of train.classes (k, text_dim).
+    """
+    tcfg = tcfg or TrainConfig()
+    check_datasets(train, val, cfg.head, cfg.d_H, cfg.d_W, text_emb, tcfg.min_train)
+    model = build_probex(train, cfg, tcfg)
+    return fit(model, train, val, cfg.head, tcfg, text_emb, config=model.cfg, kind="probex")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer choice
+
+
+@dataclass
+class LayerChoice:
+    sweep_layer: str | None = None  # the paper: full run on every layer, best validation
+    sweep_scores: dict = field(default_factory=dict)  # layer -> best val metric (full runs)
+    sweep_seconds: float = 0.0
+    fast_layer: str | None = None  # short runs everywhere, full runs on the top_k
+    fast_short_scores: dict = field(default_factory=dict)  # layer -> best val metric (short runs)
+    fast_finalists: list = field(default_factory=list)
+    fast_scores: dict = field(default_factory=dict)  # finalist -> best val metric (full runs)
+    fast_seconds: float = 0.0
+    results: dict = field(default_factory=dict)  # layer -> full TrainResult (every full run done)
+
+    @property
+    def layer(self) -> str | None:
+        """The choice to use: the cheap strategy's when it ran, else the sweep's."""
+        return self.fast_layer or self.sweep_layer
+
+    @property
+    def best(self) -> TrainResult | None:
+        return self.results.get(self.layer)
+
+    def summary(self) -> dict:
+        return {"sweep": {"layer": self.sweep_layer, "seconds": round(self.sweep_seconds, 2),
+                          "scores": self.sweep_scores},
+                "fast": {"layer": self.fast_layer, "seconds": round(self.fast_seconds, 2),
+                         "short_scores": self.fast_short_scores, "finalists": self.fast_finalists,
+                         "scores": self.fast_scores}}
+
+
+def _main_metric(r: TrainResult) -> float:
+    return float(r.best_val.get("accuracy", r.best_val.get("top1", float("nan"))))
+
+
+def choose_layer(datasets_by_layer: Mapping[str, tuple[LayerDataset, LayerDataset]],
+                 model_kwargs: dict | None = None, tcfg: TrainConfig | None = None, *,
+                 text_emb=None, strategies=("sweep", "fast"), short_epochs: int = 15,
+                 top_k: int = 2, trainer: Callable | None = None) -> LayerChoice:
+    """Pick the layer whose expert validates best.
+
+    "sweep": the paper's exhaustive sweep: a full training run on every layer.
+    "fast":  a short run (`short_epochs`, no early stopping) on every layer, then full runs on
+             the `top_k` best; the best full run wins. Cost = all short runs + top_k full runs.
+    When both run, full runs are deterministic for a seed, so the fast strategy reuses the sweep's
+    full runs of its finalists and is charged their measured seconds (as if it had run them).
+    model_kwargs: ProbeXConfig fields other than d_H/d_W/n_outputs (e.g. head, r_U, text_dim).
+    """
+    tcfg = tcfg or TrainConfig()
+    model_kwargs = dict(model_kwargs or {})
+    trainer = trainer or (lambda tr, va, tc: train_expert(tr, va, config_for(tr, **model_kwargs),
+                                                          tc, text_emb))
+    if not datasets_by_layer:
+        raise EmptyDatasetError("no candidate layers")
+    out = LayerChoice()
+    if "sweep" in strategies:
+        for layer, (tr, va) in datasets_by_layer.items():
+            r = trainer(tr, va, tcfg)
+            out.results[layer] = r
+            out.sweep_scores[layer] = _main_metric(r)
+            out.sweep_seconds += r.seconds
+        out.sweep_layer = max(out.results, key=lambda k: out.results[k].score)
+    if "fast" in strategies:
+        short_cfg = dataclasses.replace(tcfg, max_epochs=short_epochs, patience=None)
+        short = {}
+        for layer, (tr, va) in datasets_by_layer.items():
+            r = trainer(tr, va, short_cfg)
+            short[layer] = r
+            out.fast_short_scores[layer] = _main_metric(r)
+            out.fast_seconds += r.seconds
+        out.fast_finalists = sorted(short, key=lambda k: short[k].score, reverse=True)[:top_k]
+        for layer in out.fast_finalists:
+            if layer not in out.results:
+                tr, va = datasets_by_layer[layer]
+                out.results[layer] = trainer(tr, va, tcfg)
+            out.fast_scores[layer] = _main_metric(out.results[layer])
+            out.fast_seconds += out.results[layer].seconds
+        out.fast_layer = max(out.fast_finalists, key=lambda k: out.results[k].score)
+    return out
