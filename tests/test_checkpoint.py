@@ -13,6 +13,16 @@ from probex_core.probex import ProbeX, ProbeXConfig
 from probex_core.data import WeightBatch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one torch thread is fastest (and immune to a busy shared machine)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+
 def model(head="multilabel", centered=True, seed=0):
     torch.manual_seed(seed)
     m = ProbeX(ProbeXConfig(d_H=6, d_W=10, n_outputs=3, head=head, r_U=4, r_V=4, r_T=5,

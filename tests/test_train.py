@@ -10,6 +10,16 @@ from probex_core.data import (EmptyDatasetError, ExpertError, LayerDataset, NonF
 from probex_core.train import (TrainConfig, choose_layer, config_for, embed, evaluate,
                                evaluate_zeroshot, train_expert)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one torch thread is fastest (and immune to a busy shared machine)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 C = 8  # classes in the multi-label tree; each model is trained on 4 of them (chance 0.5)
 CLASSES = [f"class{i}" for i in range(C)]
 SMALL = dict(r_U=16, r_V=16, r_T=32)
