@@ -23,12 +23,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from probex_core.errors import ProbexError
+
 
 # ---------------------------------------------------------------------------------------------
 # Errors
 
 
-class ExpertError(Exception):
+class ExpertError(ProbexError):
     """Anything that stops an expert from being built or applied; names the tree/layer/model."""
 
     def __init__(self, message: str, *, tree: str | None = None, layer: str | None = None,

@@ -1,0 +1,31 @@
+"""Where flows report to: a standing Prefect API shared by the flow and every Dask worker.
+
+Without PREFECT_API_URL, Prefect starts a temporary server per process, and with process-based Dask
+workers that means one more server per worker (ENVIRONMENT.md: 17-20 s). Instead, when no API is
+configured we start one local server (SQLite under PREFECT_HOME) before any worker exists and export
+its URL, so the workers inherit it. With PREFECT_API_URL set (a real deployment) nothing is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Yield the API URL flows report to, starting a local server for the block if needed."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
