@@ -17,10 +17,11 @@ from datetime import datetime
 from probex_core.lineage import place
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
 from storage.catalog import MODELS, Catalog
-from storage.extract import ADAPTER_WEIGHTS, RepoLocation, adapter_layer_shapes, header_shapes
+from storage.extract import adapter_layer_shapes, header_shapes
 from storage.records import ModelRecord
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
-from storage.sources import HubSource, LocalSource, Source
+from storage.repos import is_adapter, location, repo_files
+from storage.sources import Source
 
 # Statuses the crawl owns; others (quarantined by extraction, superseded) are kept on re-placement.
 CRAWL_STATUSES = {"ok", "unassigned"}
@@ -45,14 +46,6 @@ class CrawlSummary:
         return asdict(self)
 
 
-def location(source: Source, repo_id: str, sha: str) -> RepoLocation:
-    if isinstance(source, LocalSource):
-        return RepoLocation(repo_id, sha, local_dir=str(source.root / repo_id))
-    if isinstance(source, HubSource):
-        return RepoLocation(repo_id, sha, endpoint=source.endpoint, token=source.auth_token)
-    raise TypeError(f"unknown source type {type(source).__name__}")
-
-
 def model_row(rec: ModelRecord, source: Source) -> dict:
     return {
         "repo_id": rec.repo_id, "sha": rec.sha, "status": rec.status, "reason": rec.reason,
@@ -70,19 +63,10 @@ def _label_order(key: str):
     return (0, int(key)) if str(key).isdigit() else (1, str(key))
 
 
-def _files(row: dict) -> tuple[str, ...]:
-    return tuple(f["path"] for f in row["files"] or [])
-
-
-def _is_adapter(row: dict) -> bool:
-    files = _files(row)
-    return ADAPTER_WEIGHTS in files and "model.safetensors" not in files
-
-
 def _adapter_signature(source: Source, row: dict) -> list[str] | None:
     """'module|in|out' for each LoRA module, read from the adapter's header only."""
     try:
-        shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), _files(row))
+        shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), repo_files(row))
     except (TensorReadError, OSError) as e:
         row["reason"] = f"unreadable adapter header: {e}"
         return None
@@ -109,13 +93,13 @@ def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSigna
         sig.adapter_modules |= _parse_signature(row.get("adapter_modules"))
     for t, sig in sigs.items():
         root = current.get(t)
-        if root is None or _is_adapter(root) or "model.safetensors" not in _files(root):
+        if root is None or is_adapter(root) or "model.safetensors" not in repo_files(root):
             continue
         try:
             loc = location(source, root["repo_id"], root["sha"])
-            shapes, _ = header_shapes(loc, _files(root))
+            shapes, _ = header_shapes(loc, repo_files(root))
             names = fingerprint_names(shapes)
-            sig.root_tensors = read_repo_tensors(loc.open, names, _files(root), check=False).tensors
+            sig.root_tensors = read_repo_tensors(loc.open, names, repo_files(root), check=False).tensors
         except (TensorReadError, OSError):
             continue
     return list(sigs.values())
@@ -123,20 +107,20 @@ def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSigna
 
 def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Fingerprint:
     fp = Fingerprint(row["repo_id"])
-    if _is_adapter(row):
+    if is_adapter(row):
         fp.adapter_modules = _parse_signature(row.get("adapter_modules"))
         return fp
-    if "model.safetensors" not in _files(row) and "model.safetensors.index.json" not in _files(row):
+    if "model.safetensors" not in repo_files(row) and "model.safetensors.index.json" not in repo_files(row):
         return fp
     loc = location(source, row["repo_id"], row["sha"])
     try:
-        shapes, _ = header_shapes(loc, _files(row))
+        shapes, _ = header_shapes(loc, repo_files(row))
     except (TensorReadError, OSError):
         return fp
     wanted = {n for s in sigs for n, ref in s.root_tensors.items() if tuple(shapes.get(n, ())) == ref.shape}
     if wanted:
         try:
-            fp.tensors = read_repo_tensors(loc.open, sorted(wanted), _files(row), check=False).tensors
+            fp.tensors = read_repo_tensors(loc.open, sorted(wanted), repo_files(row), check=False).tensors
         except (TensorReadError, OSError):
             pass
     return fp
@@ -170,7 +154,7 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         if key in known:
             continue
         row = model_row(rec, source)
-        if rec.status == "ok" and _is_adapter(row):
+        if rec.status == "ok" and is_adapter(row):
             row["adapter_modules"] = _adapter_signature(source, row)
         fresh[key] = row
         if rec.repo_id in latest_sha:
@@ -263,7 +247,7 @@ def _refresh_trees(catalog: Catalog) -> None:
         t["n_models"] += 1
         if r["repo_id"] == r["tree_id"]:
             continue
-        kind = "n_adapter" if _is_adapter(r) or r["relation"] == "adapter" else (
+        kind = "n_adapter" if is_adapter(r) or r["relation"] == "adapter" else (
             "n_finetune" if r["relation"] in (None, "finetune") else "n_other")
         t[kind] += 1
     catalog.upsert_trees(list(trees.values()))

@@ -7,7 +7,18 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from storage.extract import ExtractJob, ExtractResult, extract_model
+from storage.extract import (
+    ExtractJob,
+    ExtractResult,
+    adapter_layer_shapes,
+    candidate_layers,
+    changed_layers,
+    extract_model,
+    header_shapes,
+    matrix_shape,
+)
+from storage.repos import is_adapter, location, repo_files
+from storage.safetensors_reader import TensorReadError
 from tasks.dask_cluster import dask_client
 
 WORKER_RETRIES = 2  # a worker that dies mid-task: retried this often, then quarantined
@@ -77,3 +88,62 @@ def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n
             if on_result:
                 on_result(res)
     return summarise(results, time.perf_counter() - t0, workers)
+
+
+# --- planning: which models, which layers ---------------------------------------------------
+
+SAMPLE_CHILDREN = 3  # children whose headers decide a tree's candidate layers
+
+
+def tree_members(models: list[dict], tree_id: str) -> list[dict]:
+    """Current, readable children of a tree (the root itself has no fine-tune to read)."""
+    return [r for r in models
+            if r.get("tree_id") == tree_id and r["repo_id"] != tree_id
+            and r["status"] in ("ok", "quarantined", "no_config", "bad_config", "bad_card")
+            and r["files"]]
+
+
+def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
+    """The layers a tree offers: shared by a sample of its children (same name and matrix shape),
+    heads excluded; for full fine-tunes only those fine-tuning changed relative to the root."""
+    from tasks.crawl import _files, _is_adapter, location
+
+    members = [r for r in tree_members(models, tree_id) if r["status"] == "ok"]
+    members.sort(key=lambda r: r["repo_id"])
+    samples, sample_rows = [], []
+    for row in members:
+        if len(samples) == SAMPLE_CHILDREN:
+            break
+        try:
+            shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), repo_files(row))
+        except (TensorReadError, OSError):
+            continue
+        if is_adapter(row):
+            samples.append(adapter_layer_shapes(shapes))
+        else:
+            samples.append({n: m for n, s in shapes.items() if (m := matrix_shape(s)) is not None})
+        sample_rows.append(row)
+    if not samples:
+        return {}
+    changed = None
+    root = next((r for r in models if r["repo_id"] == tree_id), None)
+    if root is not None and not is_adapter(sample_rows[0]) and root["files"]:
+        names = sorted(candidate_layers(samples, limit=10_000))
+        try:
+            changed = changed_layers(location(source, tree_id, root["sha"]),
+                                     location(source, sample_rows[0]["repo_id"], sample_rows[0]["sha"]),
+                                     repo_files(root), repo_files(sample_rows[0]), names)
+        except (TensorReadError, OSError, KeyError):
+            changed = None
+    return candidate_layers(samples, changed)
+
+
+def jobs_for_tree(source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int]],
+                  shards_root: str) -> list[ExtractJob]:
+    from tasks.crawl import _files, location
+
+    return [
+        ExtractJob(location(source, r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
+                   shards_root, tuple((l, tuple(s)) for l, s in layers.items()))
+        for r in tree_members(models, tree_id)
+    ]
