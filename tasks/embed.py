@@ -1,0 +1,152 @@
+"""Apply each tree's current expert to every model of the tree and write the `embeddings` table.
+
+One row per (repo_id, sha, expert_version): the L2-normalised representation (cosine search), the
+tree, and the expert's top predicted labels with scores. Upserted by diff, so re-embedding with an
+unchanged expert writes nothing. Each run that writes tags the table version with the date and
+expert versions, so a notebook can open yesterday's catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from probex_core.checkpoint import LoadedExpert, current_version, load_expert, tree_slug
+from probex_core.data import LayerDataset
+from probex_core.train import embed
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog
+from tasks.train import current_models, load_rows
+
+TOP_K = 5
+INDEX_MIN_ROWS = 256  # IVF_PQ trains only from 256 rows; below that exact search is as fast
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("repo_id", pa.string()),
+        ("sha", pa.string()),
+        ("expert_version", pa.string()),
+        ("tree_id", pa.string()),
+        ("vector", pa.list_(pa.float32(), dim)),
+        ("top_labels", pa.list_(pa.string())),
+        ("top_scores", pa.list_(pa.float32())),
+        ("task", pa.string()),
+    ])
+
+
+@dataclass
+class EmbedReport:
+    trees: dict[str, dict] = field(default_factory=dict)  # tree -> {version, models, new, changed}
+    skipped: dict[str, str] = field(default_factory=dict)  # tree -> why
+    tag: str | None = None
+    indexed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expert_for(experts: str, tree_id: str) -> LoadedExpert | None:
+    tree_dir = f"{experts}/{tree_slug(tree_id)}"
+    if current_version(tree_dir) is None:
+        return None
+    return load_expert(tree_dir)
+
+
+def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
+    """Per-model probabilities over the expert's label vocabulary (n, C)."""
+    head = expert.model.out
+    with torch.no_grad():
+        if expert.probex_config.head == "text":
+            logits = head(e, expert.extra["class_text_emb"])
+            return torch.softmax(logits, dim=-1).numpy()
+        return torch.sigmoid(head(e)).numpy()
+
+
+def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str) -> list[dict]:
+    layer = expert.config["layer"]
+    models = current_models(catalog, tree_id)
+    rows = load_rows(shards, tree_id, layer, models)
+    if not rows:
+        return []
+    ids = sorted(rows)
+    ds = LayerDataset.from_rows([rows[r] for r in ids], tree=tree_id, layer=layer)
+    e = torch.as_tensor(embed(expert.model, ds))
+    probs = label_scores(expert, e)
+    vectors = torch.nn.functional.normalize(e, dim=-1).numpy()
+    sha = {r["repo_id"]: r["sha"] for r in models}
+    labels = expert.labels
+    out = []
+    for i, repo_id in enumerate(ids):
+        top = np.argsort(-probs[i])[:TOP_K]
+        out.append({
+            "repo_id": repo_id, "sha": sha[repo_id], "expert_version": expert.version,
+            "tree_id": tree_id, "vector": vectors[i].astype(np.float32),
+            "top_labels": [labels[j] for j in top],
+            "top_scores": [round(float(probs[i, j]), 6) for j in top],
+            "task": expert.config.get("info", {}).get("task"),
+        })
+    return out
+
+
+def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | None = None) -> EmbedReport:
+    report = EmbedReport()
+    tree_ids = trees or [t["tree_id"] for t in catalog.read("trees").to_pylist()]
+    all_rows, versions = [], []
+    for tree_id in sorted(tree_ids):
+        expert = expert_for(experts, tree_id)
+        if expert is None:
+            report.skipped[tree_id] = "no expert yet; run `probex train`"
+            continue
+        rows = embed_tree_rows(catalog, shards, expert, tree_id)
+        report.trees[tree_id] = {"version": expert.version, "models": len(rows)}
+        versions.append(f"{tree_id}={expert.version}")
+        all_rows.extend(rows)
+    if not all_rows:
+        return report
+    dim = len(all_rows[0]["vector"])
+    before = catalog.versions(EMBEDDINGS) if catalog.has(EMBEDDINGS) else None
+    res = catalog.upsert(EMBEDDINGS, all_rows, EMBEDDING_KEY, embeddings_schema(dim))
+    for t in report.trees.values():
+        t.update(new=res.new, changed=res.changed)
+    table = catalog.table(EMBEDDINGS)
+    report.indexed = ensure_indexes(table)
+    if table.version != before:
+        report.tag = tag_version(table, versions)
+    return report
+
+
+def ensure_indexes(table) -> bool:
+    """A scalar index on tree_id always; the cosine IVF_PQ index once there are enough rows.
+    Rows added after an index was built are folded in by `optimize()`."""
+    from lancedb.index import IvfPq
+
+    names = {i.name for i in table.list_indices()}
+    if "tree_id_idx" not in names:
+        table.create_scalar_index("tree_id", index_type="BTREE", replace=True)
+    n = table.count_rows()
+    if n < INDEX_MIN_ROWS:
+        return False
+    if "vector_idx" not in names:
+        dim = table.schema.field("vector").type.list_size
+        table.create_index("vector", config=IvfPq(
+            distance_type="cosine",
+            num_partitions=max(1, min(256, int(np.sqrt(n)))),  # ~sqrt(n) lists: balanced probe cost
+            num_sub_vectors=dim // 4 if dim % 4 == 0 else None,  # 4 dims per PQ code
+        ))
+    else:
+        table.optimize()
+    return True
+
+
+def tag_version(table, versions: list[str]) -> str:
+    """Tag the current table version: embed-<UTC date>-<hash of the expert versions>."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    digest = hashlib.sha1(";".join(sorted(versions)).encode()).hexdigest()[:8]
+    tag = f"embed-{stamp}-{digest}"
+    table.tags.create(tag, table.version)
+    return tag

@@ -1,0 +1,185 @@
+"""Train one ProbeX expert per tree from its Parquet shards, with labels only a user would have.
+
+Labels come from documented models' `id2label` (the catalog's `labels` column): a tree whose
+documented children are one-vs-rest detectors ("other" + one class) gets the text-aligned head
+(zero-shot); any other labelled tree gets the multi-label head over the union of its classes.
+Undocumented models (generic LABEL_i) are never trained on. Validation = `is_val(repo_id)` among
+the documented. A new expert is promoted (made `current`) only if it validates at least as well as
+the current one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from probex_core.checkpoint import current_version, load_expert, save_expert, tree_slug
+from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, WeightRow
+from probex_core.probex import COMPACT
+from probex_core.splits import is_val
+from probex_core.train import TrainConfig, choose_layer, selection_key
+from storage.catalog import MODELS, Catalog
+from storage.shards import layers_of, read_layer
+
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+NEGATIVE_LABELS = {"other", "others", "rest", "negative", "none", "background"}
+MIN_LABELLED = 8  # fewer documented models: the tree gets no expert, and says so
+
+
+class NoExpertError(ExpertError):
+    """A tree that cannot have an expert (too few labelled models, no shards)."""
+
+
+@dataclass
+class TreeLabels:
+    task: str  # "multilabel" | "text"
+    labels: dict[str, list[str] | str]  # documented repo id -> classes (multilabel) or class (text)
+
+
+def positive_labels(labels: list[str] | None) -> list[str] | None:
+    """The classes a documented model names; None when it names none (undocumented)."""
+    if not labels or all(GENERIC_LABEL.match(l) for l in labels):
+        return None
+    return [l for l in labels if l.lower() not in NEGATIVE_LABELS and not l.lower().startswith("not ")]
+
+
+def tree_labels(models: list[dict]) -> TreeLabels:
+    """Documented children's classes and the task they imply."""
+    found = {}
+    binary = True
+    for r in models:
+        pos = positive_labels(r.get("labels"))
+        if pos is None or not pos:
+            continue
+        found[r["repo_id"]] = pos
+        binary &= len(r["labels"]) == 2 and len(pos) == 1
+    if binary and found:
+        return TreeLabels("text", {k: v[0] for k, v in found.items()})
+    return TreeLabels("multilabel", found)
+
+
+def current_models(catalog: Catalog, tree_id: str) -> list[dict]:
+    return [r for r in catalog.read(MODELS).to_pylist()
+            if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
+
+
+def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict[str, WeightRow]:
+    """repo id -> WeightRow for the models' current shas."""
+    want = {(r["repo_id"], r["sha"]) for r in models}
+    out = {}
+    for row in read_layer(shards, tree_id, layer, {r for r, _ in want}):
+        if (row.repo_id, row.sha) not in want:
+            continue
+        if row.kind == "lora":
+            out[row.repo_id] = WeightRow(row.repo_id, A=row.A, B=row.B, scale=row.scale)
+        else:
+            out[row.repo_id] = WeightRow(row.repo_id, X=row.X)
+    return out
+
+
+def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str, layer: str
+                   ) -> tuple[LayerDataset, LayerDataset]:
+    ids = sorted(r for r in labels.labels if r in rows)
+    train_ids = [r for r in ids if not is_val(r)]
+    val_ids = [r for r in ids if is_val(r)]
+    if len(train_ids) < MIN_LABELLED or not val_ids:
+        raise NoExpertError(f"{len(train_ids)} labelled training and {len(val_ids)} validation models "
+                            f"with extracted layers; an expert needs >= {MIN_LABELLED} and >= 1",
+                            tree=tree_id, layer=layer)
+    task = labels.task
+    train = LayerDataset.from_rows([rows[r] for r in train_ids], tree=tree_id, layer=layer,
+                                   labels=[labels.labels[r] for r in train_ids], task=task)
+    val = LayerDataset.from_rows([rows[r] for r in val_ids], tree=tree_id, layer=layer,
+                                 labels=[labels.labels[r] for r in val_ids], task=task,
+                                 classes=train.classes)
+    return train, val
+
+
+@dataclass
+class TreeTrainReport:
+    tree_id: str
+    task: str | None = None
+    layer: str | None = None
+    version: str | None = None
+    promoted: bool = False
+    n_train: int = 0
+    n_val: int = 0
+    val: dict = field(default_factory=dict)
+    previous_val: dict | None = None
+    layer_choice: dict = field(default_factory=dict)
+    params: int = 0
+    train_seconds: float = 0.0
+    skipped: str | None = None  # why the tree got no expert
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_kwargs(task: str, text_dim: int | None) -> dict:
+    kw = {"r_U": COMPACT["r_U"], "r_V": COMPACT["r_V"], "r_T": COMPACT["r_T"]}
+    if task == "text":
+        kw.update(head="text", text_dim=text_dim)
+    return kw
+
+
+def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, encoder=None,
+               layers: list[str] | None = None, tcfg: TrainConfig | None = None,
+               strategies=("fast",)) -> TreeTrainReport:
+    """Choose the layer, train, save a new expert version, promote it if not worse."""
+    report = TreeTrainReport(tree_id)
+    models = current_models(catalog, tree_id)
+    labels = tree_labels(models)
+    report.task = "zeroshot" if labels.task == "text" else "multilabel"
+    candidates = layers or layers_of(shards, tree_id)
+    if not candidates:
+        report.skipped = "no extracted layers; run `probex extract` first"
+        return report
+    if len(labels.labels) < MIN_LABELLED:
+        report.skipped = f"only {len(labels.labels)} documented models (need {MIN_LABELLED})"
+        return report
+    data = {}
+    for layer in candidates:
+        try:
+            data[layer] = split_datasets(load_rows(shards, tree_id, layer, models), labels, tree_id, layer)
+        except EmptyDatasetError:
+            continue
+        except NoExpertError as e:
+            report.skipped = str(e)
+    if not data:
+        report.skipped = report.skipped or "no layer has labelled rows"
+        return report
+    report.skipped = None
+    tcfg = tcfg or TrainConfig(threads=1)
+    text_emb = None
+    any_train = next(iter(data.values()))[0]
+    if labels.task == "text":
+        import torch
+
+        text_emb = torch.as_tensor(encoder.encode_classes(any_train.classes))
+    choice = choose_layer(data, model_kwargs(labels.task, None if text_emb is None else text_emb.shape[1]),
+                          tcfg, text_emb=text_emb, strategies=strategies)
+    best = choice.best
+    train, val = data[choice.layer]
+    report.layer, report.layer_choice = choice.layer, choice.summary()
+    report.n_train, report.n_val = len(train), len(val)
+    report.val, report.params = best.best_val, best.n_params
+    report.train_seconds = sum(r.seconds for r in choice.results.values())
+
+    tree_dir = f"{experts}/{tree_slug(tree_id)}"
+    prev = current_version(tree_dir)
+    if prev is not None:
+        report.previous_val = load_expert(f"{tree_dir}/{prev}").config.get("metrics", {}).get("val")
+    promote = report.previous_val is None or selection_key(best.best_val) >= selection_key(report.previous_val)
+    extra = {"class_text_emb": text_emb} if text_emb is not None else None
+    path = save_expert(experts, tree_id, best.model, layer=choice.layer, labels=list(train.classes),
+                       text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
+                       metrics={"val": best.best_val}, extra_tensors=extra,
+                       info={"task": report.task, "n_train": len(train), "n_val": len(val),
+                             "layer_choice": choice.summary()}, make_current=promote)
+    report.version, report.promoted = path.name, promote
+    if promote:
+        trees = {t["tree_id"]: t for t in catalog.read("trees").to_pylist()}
+        row = trees.get(tree_id, {"tree_id": tree_id, "root": tree_id})
+        row.update(layer=choice.layer, expert_version=path.name, task=report.task)
+        catalog.upsert_trees([row])
+    return report
