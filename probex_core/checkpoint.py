@@ -204,3 +204,11 @@ def load_expert(path: str | os.PathLike, verify: bool = True) -> LoadedExpert:
         raise CheckpointError(f"weights do not fit the recorded config: {e}", **where) from e
     model.eval()
     return LoadedExpert(model=model, config=config, probex_config=pcfg, extra=extra, path=path)
+
+
+def load_current(experts_dir: str | os.PathLike, tree_id: str) -> LoadedExpert | None:
+    """The tree's current expert, or None when it has none yet."""
+    tree_dir = Path(experts_dir) / tree_slug(tree_id)
+    if current_version(tree_dir) is None:
+        return None
+    return load_expert(tree_dir)

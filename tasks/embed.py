@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from probex_core.checkpoint import LoadedExpert, current_version, load_expert, tree_slug
+from probex_core.checkpoint import LoadedExpert, load_current
 from probex_core.data import LayerDataset
 from probex_core.train import embed
 from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog
@@ -35,6 +35,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
         ("vector", pa.list_(pa.float32(), dim)),
         ("top_labels", pa.list_(pa.string())),
         ("top_scores", pa.list_(pa.float32())),
+        ("label_scores", pa.list_(pa.float32())),  # every label of the expert's vocabulary, in order
         ("task", pa.string()),
     ])
 
@@ -48,13 +49,6 @@ class EmbedReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def expert_for(experts: str, tree_id: str) -> LoadedExpert | None:
-    tree_dir = f"{experts}/{tree_slug(tree_id)}"
-    if current_version(tree_dir) is None:
-        return None
-    return load_expert(tree_dir)
 
 
 def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
@@ -88,6 +82,7 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
             "tree_id": tree_id, "vector": vectors[i].astype(np.float32),
             "top_labels": [labels[j] for j in top],
             "top_scores": [round(float(probs[i, j]), 6) for j in top],
+            "label_scores": np.round(probs[i], 6).astype(np.float32),
             "task": expert.config.get("info", {}).get("task"),
         })
     return out
@@ -98,7 +93,7 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     tree_ids = trees or [t["tree_id"] for t in catalog.read("trees").to_pylist()]
     all_rows, versions = [], []
     for tree_id in sorted(tree_ids):
-        expert = expert_for(experts, tree_id)
+        expert = load_current(experts, tree_id)
         if expert is None:
             report.skipped[tree_id] = "no expert yet; run `probex train`"
             continue

@@ -1,0 +1,241 @@
+"""Ask the catalog questions: models by text, what a model was trained on, models like a model.
+
+Importable from a notebook with no Prefect:
+
+    from storage.query import CatalogQuery
+    q = CatalogQuery.open()                 # PROBEX_HOME, or CatalogQuery.open(home="...")
+    q.search("birds", k=10)                 # pandas DataFrame, best first
+    q.classify("org/model", ["dog", "cat", "bird"])
+    q.similar("org/model", k=5)
+
+Scores are calibrated so that rankings from different trees can be merged:
+* a tree with a text head: the probability that the model's class is the query rather than any of
+  the classes the expert was trained on (a softmax over [query, training classes] in the joint
+  space; a training class that says the same as the query is left out of the competitors);
+* a multi-label tree: the expert's sigmoid probability for its class that best matches the query
+  text, when some class matches it at all (cosine of the text embeddings >= MATCH_MIN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probex_core.errors import ProbexError
+from storage.catalog import EMBEDDINGS, MODELS, Catalog
+
+MATCH_MIN = 0.6  # a multi-label class "says" the query when their texts are this similar
+SAME_AS_QUERY = 0.9  # a training class this close to the query is the query, not a competitor
+CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ranking
+CARD_FIELDS = ["license", "pipeline_tag", "library_name", "tags", "labels"]
+
+
+class QueryError(ProbexError):
+    pass
+
+
+class EmptyQueryError(QueryError):
+    pass
+
+
+class UnknownModelError(QueryError):
+    pass
+
+
+class TooFewLabelsError(QueryError):
+    pass
+
+
+class NoExpertError(QueryError):
+    pass
+
+
+@dataclass
+class _Tree:
+    tree_id: str
+    version: str
+    head: str
+    labels: list[str]
+    expert: object  # LoadedExpert
+    label_vecs: torch.Tensor | None  # text head: training classes in the joint space (k, r_T)
+
+
+class CatalogQuery:
+    def __init__(self, catalog_uri: str, experts_dir: str, text_encoder: str | None = None):
+        self.catalog = Catalog(catalog_uri, create=False)
+        self.experts_dir = str(experts_dir)
+        self.text_encoder_name = text_encoder
+        self._encoder = None
+        self._trees: dict[str, _Tree] | None = None
+        self._table = None
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, **overrides) -> "CatalogQuery":
+        from probex.config import Settings
+
+        s = Settings.load(home, **overrides)
+        return cls(s.catalog, str(s.experts), s.text_encoder)
+
+    # -- shared pieces --------------------------------------------------------------------------
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from probex_core.text_encoder import TextEncoder
+
+            self._encoder = TextEncoder(self.text_encoder_name)
+        return self._encoder
+
+    @property
+    def table(self):
+        if self._table is None:
+            self._table = self.catalog.table(EMBEDDINGS)
+        return self._table
+
+    def trees(self) -> dict[str, _Tree]:
+        """Trees with a current expert, loaded once."""
+        if self._trees is None:
+            from probex_core.checkpoint import load_current
+
+            self._trees = {}
+            for row in self.catalog.read("trees").to_pylist():
+                expert = load_current(self.experts_dir, row["tree_id"])
+                if expert is None:
+                    continue
+                head = expert.probex_config.head
+                vecs = None
+                if head == "text":
+                    with torch.no_grad():
+                        vecs = expert.model.embed_text(expert.extra["class_text_emb"])
+                self._trees[row["tree_id"]] = _Tree(row["tree_id"], expert.version, head,
+                                                    list(expert.labels), expert, vecs)
+        return self._trees
+
+    def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
+        return torch.as_tensor(self.encoder.encode(texts, prompt=prompt or "{}"))
+
+    def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
+        if not repo_ids:
+            return pd.DataFrame(columns=["repo_id", *CARD_FIELDS])
+        models = self.catalog.read(MODELS).to_pandas()
+        models = models[models["status"] != "superseded"]
+        return models[models["repo_id"].isin(repo_ids)][["repo_id", *CARD_FIELDS]]
+
+    def _model_row(self, repo_id: str) -> dict:
+        if not repo_id or not isinstance(repo_id, str):
+            raise UnknownModelError("give a repo id such as org/name")
+        hits = [r for r in self.table.search().where(f"repo_id = {_sql(repo_id)}").limit(None).to_list()]
+        trees = self.trees()
+        hits = [h for h in hits if h["tree_id"] in trees and h["expert_version"] == trees[h["tree_id"]].version]
+        if not hits:
+            known = self.catalog.read(MODELS, where=f"repo_id = {_sql(repo_id)}").num_rows
+            if known:
+                raise NoExpertError(f"{repo_id} is in the catalog but has no embedding from a current "
+                                    "expert (its tree may have no expert); run `probex train` and `probex ingest`")
+            raise UnknownModelError(f"{repo_id} is not in the catalog; check the id or run `probex crawl`")
+        return hits[0]
+
+    # -- the three questions --------------------------------------------------------------------
+    def search(self, text: str, k: int = 10, tree: str | None = None, where: str | None = None) -> pd.DataFrame:
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyQueryError("the query is empty; say what the models should be about, e.g. \"birds\"")
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        trees = self.trees()
+        if tree is not None and tree not in trees:
+            raise NoExpertError(f"tree {tree} has no expert; run `probex train --tree {tree}`"
+                                if self.catalog.read("trees", where=f"tree_id = {_sql(tree)}").num_rows
+                                else f"no tree {tree} in the catalog; see `probex trees`")
+        q = self._encode([text.strip()], None)  # (1, text_dim)
+        parts = []
+        for t in trees.values():
+            if tree is not None and t.tree_id != tree:
+                continue
+            parts.append(self._search_tree(t, q, where))
+        hits = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
+            pd.DataFrame(columns=["repo_id", "sha", "tree_id", "score", "top_labels"])
+        hits = hits.sort_values("score", ascending=False).head(k).reset_index(drop=True)
+        return hits.merge(self._cards(hits["repo_id"].tolist()), on="repo_id", how="left")
+
+    def _search_tree(self, t: _Tree, q: torch.Tensor, where: str | None) -> pd.DataFrame:
+        filt = f"tree_id = {_sql(t.tree_id)} AND expert_version = {_sql(t.version)}"
+        if where:
+            filt += f" AND ({where})"
+        cols = ["repo_id", "sha", "tree_id", "top_labels"]
+        if t.head == "text":
+            with torch.no_grad():
+                qv = t.expert.model.embed_text(q)[0]  # (r_T,)
+                keep = (torch.as_tensor(self._class_text(t)) @ q[0]) < SAME_AS_QUERY
+                competitors = t.label_vecs[keep]
+            rows = (self.table.search(qv.numpy(), vector_column_name="vector").distance_type("cosine")
+                    .where(filt, prefilter=True).limit(CANDIDATES_PER_TREE).to_list())
+            if not rows:
+                return pd.DataFrame(columns=cols + ["score"])
+            E = torch.as_tensor(np.stack([r["vector"] for r in rows]))  # (n, r_T), unit rows
+            scale = float(t.expert.model.out.logit_scale)
+            logits = scale * E @ torch.cat([qv[None], competitors]).T  # (n, 1 + k')
+            score = torch.softmax(logits, dim=-1)[:, 0].numpy()
+        else:
+            sims = torch.as_tensor(self._class_text(t)) @ q[0]  # (C,)
+            best = int(sims.argmax())
+            if float(sims[best]) < MATCH_MIN:
+                return pd.DataFrame(columns=cols + ["score"])
+            rows = self.table.search().where(filt).select(cols + ["label_scores"]).limit(None).to_list()
+            if not rows:
+                return pd.DataFrame(columns=cols + ["score"])
+            score = np.array([r["label_scores"][best] for r in rows], dtype=np.float32)
+        df = pd.DataFrame([{c: r[c] for c in cols} for r in rows])
+        df["score"] = score
+        return df
+
+    def _class_text(self, t: _Tree) -> np.ndarray:
+        """The frozen text embeddings of a tree's label vocabulary (cached per tree)."""
+        key = ("class_text", t.tree_id, t.version)
+        if key not in self.__dict__:
+            if "class_text_emb" in t.expert.extra:
+                self.__dict__[key] = t.expert.extra["class_text_emb"].numpy()
+            else:
+                self.__dict__[key] = self.encoder.encode(t.labels, prompt="{}")
+        return self.__dict__[key]
+
+    def classify(self, repo_id: str, labels: list[str]) -> pd.DataFrame:
+        labels = [l.strip() for l in (labels or []) if l and l.strip()]
+        if len(set(labels)) < 2:
+            raise TooFewLabelsError("give at least two different labels to choose between, e.g. --labels \"dog,cat\"")
+        row = self._model_row(repo_id)
+        t = self.trees()[row["tree_id"]]
+        q = self._encode(labels, None)  # (L, text_dim)
+        if t.head == "text":
+            with torch.no_grad():
+                e = torch.as_tensor(np.asarray(row["vector"], np.float32))
+                logits = float(t.expert.model.out.logit_scale) * t.expert.model.embed_text(q) @ e
+                scores = torch.softmax(logits, dim=0).numpy()
+            matched = [None] * len(labels)
+        else:
+            sims = q @ torch.as_tensor(self._class_text(t)).T  # (L, C)
+            best = sims.argmax(dim=1).numpy()
+            scores = np.array([row["label_scores"][j] if sims[i, j] >= MATCH_MIN else 0.0
+                               for i, j in enumerate(best)], np.float32)
+            matched = [t.labels[j] if sims[i, j] >= MATCH_MIN else None for i, j in enumerate(best)]
+        df = pd.DataFrame({"label": labels, "score": scores, "matched_class": matched})
+        df["repo_id"], df["tree_id"] = repo_id, row["tree_id"]
+        return df.sort_values("score", ascending=False).reset_index(drop=True)
+
+    def similar(self, repo_id: str, k: int = 10) -> pd.DataFrame:
+        row = self._model_row(repo_id)
+        t = self.trees()[row["tree_id"]]
+        filt = (f"tree_id = {_sql(t.tree_id)} AND expert_version = {_sql(t.version)} "
+                f"AND repo_id != {_sql(repo_id)}")
+        rows = (self.table.search(np.asarray(row["vector"], np.float32), vector_column_name="vector")
+                .distance_type("cosine").where(filt, prefilter=True).limit(k).to_list())
+        df = pd.DataFrame([{"repo_id": r["repo_id"], "tree_id": r["tree_id"],
+                            "score": 1.0 - float(r["_distance"]), "top_labels": r["top_labels"]} for r in rows],
+                          columns=["repo_id", "tree_id", "score", "top_labels"])
+        return df.merge(self._cards(df["repo_id"].tolist()), on="repo_id", how="left")
+
+
+def _sql(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
