@@ -173,7 +173,7 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     extra = {"class_text_emb": text_emb} if text_emb is not None else None
     path = save_expert(experts, tree_id, best.model, layer=choice.layer, labels=list(train.classes),
                        text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
-                       metrics={"val": best.best_val}, extra_tensors=extra,
+                       metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
                        info={"task": report.task, "n_train": len(train), "n_val": len(val),
                              "layer_choice": choice.summary()}, make_current=promote)
     report.version, report.promoted = path.name, promote

@@ -1,0 +1,128 @@
+"""Evaluate each tree's current expert against ground truth, beside Dense and StatNN baselines on
+the same splits and layer, plus the paper's one-model-across-trees experiment.
+
+Ground truth (`_ground_truth.parquet` of a bundled lake) is read here only: training never sees it.
+Test = the tree's `test` models (undocumented in the lake); zero-shot = its `holdout` models, scored
+only against the held-out classes' texts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from probex_core.baselines import cross_tree_experiment, train_dense, train_statnn
+from probex_core.checkpoint import load_current
+from probex_core.data import LayerDataset
+from probex_core.errors import ProbexError
+from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot
+from storage.catalog import Catalog
+from tasks.train import current_models, load_rows, model_kwargs, split_datasets, tree_labels
+
+GROUND_TRUTH = "_ground_truth.parquet"
+
+
+class GroundTruthMissingError(ProbexError):
+    pass
+
+
+def load_ground_truth(lake: str | Path) -> dict[str, dict]:
+    path = Path(lake) / GROUND_TRUTH
+    if not path.exists():
+        raise GroundTruthMissingError(
+            f"no {GROUND_TRUTH} in {lake}: evaluation needs a bundled lake's ground truth "
+            "(build one with `probex zoo build`, or pass --lake)")
+    return {r["repo_id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+def _eval_set(rows, gt, models, split, task, tree_id, layer, classes=None):
+    """Models of `split` that have rows, labelled from ground truth."""
+    ids = sorted(r["repo_id"] for r in models
+                 if r["repo_id"] in rows and gt.get(r["repo_id"], {}).get("split") == split
+                 and not gt[r["repo_id"]]["corrupt"])
+    if task == "text":
+        labels = {i: gt[i]["classes"][0] for i in ids}
+        if classes is not None:
+            ids = [i for i in ids if labels[i] in classes]
+    else:
+        labels = {i: [c for c in gt[i]["classes"] if classes is None or c in classes] for i in ids}
+    if not ids:
+        return None
+    return LayerDataset.from_rows([rows[i] for i in ids], tree=tree_id, layer=layer,
+                                  labels=[labels[i] for i in ids], task=task, classes=classes)
+
+
+def _scores(model, head, test, text_emb, heldout, heldout_emb) -> dict:
+    out = {}
+    if test is not None:
+        m = evaluate(model, test, head, text_emb)
+        if head == "multilabel":
+            out.update(accuracy=m["accuracy"], map=m["map"])
+        else:
+            out.update(top1=m["top1"], top5=m.get("top5"))
+    if heldout is not None and head == "text":
+        z = evaluate_zeroshot(model, heldout, heldout_emb)
+        out.update(zeroshot_top1=z["top1"], zeroshot_top5=z["top5"], n_zeroshot_classes=len(heldout.classes))
+    return out
+
+
+def evaluate_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: dict, encoder,
+                  tcfg: TrainConfig | None = None, baselines: bool = True) -> dict:
+    expert = load_current(experts, tree_id)
+    if expert is None:
+        return {"skipped": "no expert; run `probex train`"}
+    layer = expert.config["layer"]
+    models = current_models(catalog, tree_id)
+    labels = tree_labels(models)
+    rows = load_rows(shards, tree_id, layer, models)
+    train, val = split_datasets(rows, labels, tree_id, layer)
+    task, head = labels.task, expert.probex_config.head
+    test = _eval_set(rows, gt, models, "test", task, tree_id, layer, classes=train.classes)
+    heldout = _eval_set(rows, gt, models, "holdout", task, tree_id, layer) if task == "text" else None
+    text_emb = heldout_emb = None
+    if head == "text":
+        text_emb = torch.as_tensor(encoder.encode_classes(train.classes))
+        if heldout is not None:
+            heldout_emb = torch.as_tensor(encoder.encode_classes(heldout.classes))
+    info = expert.config.get("info", {})
+    report = {
+        "task": "zeroshot" if head == "text" else "multilabel", "layer": layer,
+        "n_train": len(train), "n_val": len(val), "n_test": 0 if test is None else len(test),
+        "n_holdout": 0 if heldout is None else len(heldout),
+        "layer_choice": info.get("layer_choice"),
+        "probex": {**_scores(expert.model, head, test, text_emb, heldout, heldout_emb),
+                   "params": expert.model.n_params(), "train_seconds": expert.config.get("metrics", {}).get("train_seconds")},
+    }
+    if not baselines:
+        return report
+    tcfg = tcfg or TrainConfig(threads=1)
+    r_T = expert.probex_config.r_T
+    for name, trainer in (("dense", train_dense), ("statnn", train_statnn)):
+        res = trainer(train, val, tcfg, head=head, text_emb=text_emb, r_T=r_T)
+        report[name] = {**_scores(res.model, head, test, text_emb, heldout, heldout_emb),
+                        "params": res.n_params, "train_seconds": round(res.seconds, 2)}
+    return report
+
+
+def cross_tree(catalog: Catalog, shards: str, experts: str, tree_ids: list[str], gt: dict,
+               tcfg: TrainConfig | None = None) -> dict | None:
+    """One model over every multi-label tree vs. one expert per tree (the paper's key claim)."""
+    trees = {}
+    for tree_id in tree_ids:
+        expert = load_current(experts, tree_id)
+        if expert is None or expert.probex_config.head != "multilabel":
+            continue
+        layer = expert.config["layer"]
+        models = current_models(catalog, tree_id)
+        labels = tree_labels(models)
+        rows = load_rows(shards, tree_id, layer, models)
+        train, val = split_datasets(rows, labels, tree_id, layer)
+        test = _eval_set(rows, gt, models, "test", "multilabel", tree_id, layer, classes=train.classes)
+        if test is not None:
+            trees[tree_id] = (train, val, test)
+    if len(trees) < 2:
+        return None
+    return cross_tree_experiment(trees, tcfg or TrainConfig(threads=1),
+                                 probex_kwargs=model_kwargs("multilabel", None))
