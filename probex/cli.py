@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -69,7 +70,20 @@ def _fmt(v) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v[:5])
     return str(v)
+
+
+@contextmanager
+def progress_bar(label: str):
+    """A rich progress bar on stderr; yields a callback to advance it by one item."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as p:
+        task = p.add_task(label, total=None)
+        yield lambda *_: p.advance(task)
 
 
 # -- zoo ----------------------------------------------------------------------------------------
@@ -103,6 +117,235 @@ def render_lake_summary(doc: dict) -> None:
                     rows))
     out.print(f"{doc['n_models']} models, {doc['bytes_on_disk'] / 2**20:.1f} MiB, "
               f"built in {doc['seconds']:.1f} s")
+
+
+# -- pipeline steps -----------------------------------------------------------------------------
+def parse_date(value: Optional[str], flag: str):
+    if value is None:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        d = datetime.fromisoformat(value)
+    except ValueError:
+        raise ProbexError(f"{flag} {value!r} is not a date; use YYYY-MM-DD or an ISO timestamp") from None
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+def split_list(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+@app.command()
+def crawl(
+    source: Optional[str] = typer.Option(None, "--source", help="A lake folder, `hub`, or `hub:<endpoint>` (default: HOME/lake)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only models modified at or after (default: the watermark)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Only models modified before."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    all_: bool = typer.Option(False, "--all", help="Re-list everything, ignoring the watermark."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """List models, place them in Model Trees, and record them in the catalog."""
+    from tasks.pipeline import crawl_step
+
+    s = settings_for(home)
+    doc = run_command(lambda: crawl_step(s, source or str(s.lake), parse_date(since, "--since"),
+                                         parse_date(until, "--until"), limit, incremental=not all_))
+    emit(doc, as_json, render_crawl)
+
+
+def render_crawl(doc: dict) -> None:
+    out.print(table(f"crawl {doc['source']}", ["seen", "new", "changed", "unchanged", "re-placed",
+                                                "routed by weights", "unassigned", "errors", "seconds"],
+                    [[doc["seen"], doc["new"], doc["changed"], doc["unchanged"], doc["replaced"],
+                      doc["routed"], doc["unassigned"], len(doc["errors"]), doc["seconds"]]]))
+    if doc["per_tree"]:
+        out.print(table("models per tree", ["tree", "models"], sorted(doc["per_tree"].items())))
+    if doc["errors"]:
+        out.print(table("not readable", ["repo", "status", "reason"],
+                        [[e["repo_id"], e["status"], e["reason"]] for e in doc["errors"][:20]]))
+
+
+@app.command()
+def trees(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
+    """List the Model Trees with their model counts and experts."""
+    from tasks.pipeline import catalog_for
+
+    s = settings_for(home)
+    rows = run_command(lambda: catalog_for(s, create=False).table("trees").to_arrow().to_pylist())
+    cols = ["tree_id", "n_models", "n_finetune", "n_adapter", "n_other", "task", "layer", "expert_version"]
+    doc = {"trees": [{c: r.get(c) for c in cols} for r in sorted(rows, key=lambda r: -r["n_models"])]}
+    emit(doc, as_json, lambda d: out.print(table("trees", cols, [[t[c] for c in cols] for t in d["trees"]])))
+
+
+@app.command()
+def extract(
+    tree: Optional[list[str]] = typer.Option(None, "--tree", help="Only this tree (repeatable)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer names (default: the tree's plan)."),
+    candidates: bool = typer.Option(False, "--candidates", help="All candidate layers even when an expert has chosen one."),
+    dask_address: Optional[str] = typer.Option(None, "--dask-address", help="An existing Dask scheduler."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="LocalCluster workers."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Read each model's layers (only their bytes) into Parquet shards, on Dask."""
+    from tasks.pipeline import extract_step
+
+    s = settings_for(home, dask_address=dask_address, dask_workers=workers)
+    with progress_bar("extracting") as tick:
+        doc = run_command(lambda: extract_step(s, tree, split_list(layers),
+                                               "candidates" if candidates else "auto", on_result=tick))
+    emit(doc, as_json, render_extract)
+
+
+def render_extract(doc: dict) -> None:
+    out.print(table("extract", ["models", "extracted", "skipped", "quarantined", "tensors", "MB read",
+                                "read / needed", "read / in files", "seconds", "workers"],
+                    [[doc["models"], doc["extracted"], doc["skipped"], len(doc["quarantined"]), doc["tensors"],
+                      doc["bytes_read"] / 2**20,
+                      doc["bytes_read"] / doc["bytes_needed"] if doc["bytes_needed"] else None,
+                      doc["bytes_ratio"], doc["seconds"], doc["workers"]]]))
+    if doc["quarantined"]:
+        out.print(table("quarantined", ["repo", "reason"], [[q["repo_id"], q["reason"]] for q in doc["quarantined"]]))
+
+
+@app.command()
+def train(
+    tree: Optional[list[str]] = typer.Option(None, "--tree", help="Only this tree (repeatable)."),
+    all_: bool = typer.Option(False, "--all", help="Every tree (the default when no --tree is given)."),
+    layers: str = typer.Option("auto", "--layers", help="`auto` (sweep the candidates) or comma-separated names."),
+    sweep: bool = typer.Option(False, "--sweep", help="Also run the paper's exhaustive sweep (slower) to compare."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Train one ProbeX expert per tree; a new expert is promoted only if not worse on validation."""
+    from tasks.pipeline import train_step
+
+    s = settings_for(home)
+    chosen = None if layers == "auto" else split_list(layers)
+    strategies = ("sweep", "fast") if sweep else ("fast",)
+    doc = run_command(lambda: train_step(s, None if all_ else tree, chosen, strategies))
+    emit(doc, as_json, render_train)
+
+
+def render_train(doc: dict) -> None:
+    rows = []
+    for t, r in doc["trees"].items():
+        main = r["val"].get("accuracy", r["val"].get("top1")) if r["val"] else None
+        rows.append([t, r["task"], r["layer"], r["n_train"], r["n_val"], main, r["params"],
+                     r["train_seconds"], r["version"], "yes" if r["promoted"] else "no", r["skipped"]])
+    out.print(table("experts", ["tree", "task", "layer", "train", "val", "val score", "params",
+                                "seconds", "version", "promoted", "skipped"], rows))
+
+
+@app.command("eval")
+def eval_(
+    tree: Optional[list[str]] = typer.Option(None, "--tree"),
+    lake: Optional[Path] = typer.Option(None, "--lake", help="Lake whose _ground_truth.parquet to use (default: HOME/lake)."),
+    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip Dense/StatNN and the cross-tree model."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Evaluate the experts against the lake's ground truth, beside Dense and StatNN."""
+    from tasks.pipeline import eval_step
+
+    s = settings_for(home)
+    doc = run_command(lambda: eval_step(s, tree, str(lake) if lake else None,
+                                        baselines=not no_baselines, cross=not no_baselines))
+    emit(doc, as_json, render_eval)
+
+
+def render_eval(doc: dict) -> None:
+    cols = ["tree", "task", "layer", "method", "accuracy", "mAP", "top1", "zero-shot top1",
+            "zero-shot top5", "params", "train s"]
+    rows = []
+    for t, r in doc["trees"].items():
+        if "skipped" in r:
+            rows.append([t, None, None, r["skipped"]] + [None] * 7)
+            continue
+        for method in ("probex", "dense", "statnn"):
+            m = r.get(method)
+            if m is None:
+                continue
+            rows.append([t, r["task"], r["layer"], method, m.get("accuracy"), m.get("map"), m.get("top1"),
+                         m.get("zeroshot_top1"), m.get("zeroshot_top5"), m.get("params"), m.get("train_seconds")])
+    out.print(table("evaluation (test split; zero-shot on held-out classes)", cols, rows))
+
+
+@app.command()
+def embed(
+    tree: Optional[list[str]] = typer.Option(None, "--tree"),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Write every model's position in the weight-language space to the `embeddings` table."""
+    from tasks.pipeline import embed_step
+
+    s = settings_for(home)
+    doc = run_command(lambda: embed_step(s, tree))
+    emit(doc, as_json, lambda d: out.print(table(
+        f"embeddings (tag {d['tag']})", ["tree", "expert", "models"],
+        [[t, v["version"], v["models"]] for t, v in d["trees"].items()])))
+
+
+# -- queries ------------------------------------------------------------------------------------
+def open_query(home: Optional[Path]):
+    from storage.query import CatalogQuery
+
+    s = settings_for(home)
+    return CatalogQuery(s.catalog, str(s.experts), s.text_encoder)
+
+
+def frame_doc(df) -> dict:
+    return {"results": json.loads(df.to_json(orient="records"))}
+
+
+def render_frame(title: str, cols: list[str]):
+    def render(doc: dict) -> None:
+        out.print(table(title, cols, [[r.get(c) for c in cols] for r in doc["results"]]))
+    return render
+
+
+@app.command()
+def search(
+    text: str = typer.Argument(..., help='What the models were trained on, e.g. "birds".'),
+    k: int = typer.Option(10, "-k", "--k", min=1),
+    tree: Optional[str] = typer.Option(None, "--tree"),
+    where: Optional[str] = typer.Option(None, "--where", help="A LanceDB SQL filter on the embeddings table."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Find models by what they were trained on, from their weights alone."""
+    df = run_command(lambda: open_query(home).search(text, k=k, tree=tree, where=where))
+    emit(frame_doc(df), as_json, render_frame(f"models for {text!r}", ["repo_id", "tree_id", "score", "top_labels", "labels"]))
+
+
+@app.command()
+def classify(
+    repo_id: str = typer.Argument(...),
+    labels: str = typer.Option(..., "--labels", help='Comma-separated candidates, e.g. "dog,cat,bird".'),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Zero-shot: how well does each free-text label describe what this model was trained on?"""
+    df = run_command(lambda: open_query(home).classify(repo_id, split_list(labels) or []))
+    emit(frame_doc(df), as_json, render_frame(f"{repo_id}", ["label", "score", "matched_class", "tree_id"]))
+
+
+@app.command()
+def similar(
+    repo_id: str = typer.Argument(...),
+    k: int = typer.Option(10, "-k", "--k", min=1),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Models of the same tree whose weights say they were trained on similar things."""
+    df = run_command(lambda: open_query(home).similar(repo_id, k=k))
+    emit(frame_doc(df), as_json, render_frame(f"like {repo_id}", ["repo_id", "score", "top_labels", "labels"]))
 
 
 # -- demo ---------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ TREES_SCHEMA = pa.schema(
         ("expert_version", pa.string()),
         ("task", pa.string()),  # multilabel | zeroshot; null before training
         ("candidate_layers", pa.list_(pa.string())),  # layers extraction offers the layer sweep
+        ("layer_shapes", pa.string()),  # JSON {layer: [d_H, d_W]} of the candidates
     ]
 )
 

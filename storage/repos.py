@@ -24,3 +24,13 @@ def is_adapter(row: dict) -> bool:
     """A PEFT adapter repo (adapter weights, no full weights)."""
     files = repo_files(row)
     return ADAPTER_WEIGHTS in files and "model.safetensors" not in files
+
+
+def source_from_name(name: str) -> Source:
+    """Reopen the source a catalog row came from ("local:/abs/path" or "hub:<endpoint>")."""
+    kind, _, where = name.partition(":")
+    if kind == "local":
+        return LocalSource(where)
+    if kind == "hub":
+        return HubSource(endpoint=where)
+    raise ValueError(f"unknown source name {name!r}")

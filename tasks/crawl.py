@@ -242,7 +242,7 @@ def _refresh_trees(catalog: Catalog) -> None:
             "tree_id": r["tree_id"], "root": r["tree_id"], "n_models": 0, "n_finetune": 0,
             "n_adapter": 0, "n_other": 0,
             **{k: old.get(r["tree_id"], {}).get(k) for k in ("layer", "expert_version", "task",
-                                                             "candidate_layers")},
+                                                             "candidate_layers", "layer_shapes")},
         })
         t["n_models"] += 1
         if r["repo_id"] == r["tree_id"]:

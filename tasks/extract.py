@@ -138,12 +138,12 @@ def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str,
     return candidate_layers(samples, changed)
 
 
-def jobs_for_tree(source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int]],
+def jobs_for_tree(source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],
                   shards_root: str) -> list[ExtractJob]:
     from tasks.crawl import _files, location
 
     return [
         ExtractJob(location(source, r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
-                   shards_root, tuple((l, tuple(s)) for l, s in layers.items()))
+                   shards_root, tuple((l, tuple(s)) for l, s in layers.items() if s))
         for r in tree_members(models, tree_id)
     ]
