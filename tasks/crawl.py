@@ -39,7 +39,8 @@ class CrawlSummary:
     routed: int = 0  # placed by weights
     errors: list[dict] = field(default_factory=list)  # {repo_id, status, reason}
     per_tree: dict[str, int] = field(default_factory=dict)  # all current models per tree
-    watermark: str | None = None
+    watermark: str | None = None  # the stored watermark after this crawl
+    next_watermark: str | None = None  # what it may advance to once everything downstream committed
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -128,7 +129,8 @@ def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Finger
 
 def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = None,
                  until: datetime | None = None, limit: int | None = None,
-                 incremental: bool = True, on_record=None) -> CrawlSummary:
+                 incremental: bool = True, advance_watermark: bool = True, on_record=None) -> CrawlSummary:
+    """advance_watermark=False: leave it to the caller (the ingest flow moves it only at the end)."""
     t0 = time.perf_counter()
     summary = CrawlSummary(source.name)
     if since is None and until is None and incremental:
@@ -225,7 +227,9 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         newest = max((r.last_modified for r in records if r.last_modified), default=None)
         old = catalog.watermark(source.name)
         if newest is not None and (old is None or newest > old):
-            catalog.set_watermark(source.name, newest)
+            summary.next_watermark = newest.isoformat()
+            if advance_watermark:
+                catalog.set_watermark(source.name, newest)
     wm = catalog.watermark(source.name)
     summary.watermark = wm.isoformat() if wm else None
     summary.seconds = time.perf_counter() - t0

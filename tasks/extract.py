@@ -17,6 +17,7 @@ from storage.extract import (
     header_shapes,
     matrix_shape,
 )
+from storage.shards import has_shard
 from storage.repos import is_adapter, location, repo_files
 from storage.safetensors_reader import TensorReadError
 from tasks.dask_cluster import dask_client
@@ -64,13 +65,21 @@ def summarise(results: list[ExtractResult], seconds: float, workers: int) -> Ext
     return s
 
 
+def is_done(job: ExtractJob) -> bool:
+    loc = job.location
+    return bool(job.layers) and all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha)
+                                    for l in job.layers)
+
+
 def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n_workers: int = 2,
                    on_result: Callable[[ExtractResult], None] | None = None) -> ExtractSummary:
     """Run `extract_model` for every job on Dask and return the summary."""
     t0 = time.perf_counter()
-    results: list[ExtractResult] = []
+    # Models whose shards are all there are done (shard names are deterministic): no worker needed.
+    results = [extract_model(j) for j in jobs if is_done(j)]
+    jobs = [j for j in jobs if not is_done(j)]
     if not jobs:
-        return summarise(results, 0.0, 0)
+        return summarise(results, time.perf_counter() - t0, 0)
     from distributed import as_completed
 
     with dask_client(dask_address, n_workers) as client:

@@ -9,6 +9,7 @@ from datetime import datetime
 from probex.config import Settings
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog
+from storage.extract import ExtractJob
 from storage.repos import source_from_name
 from storage.sources import open_source
 from tasks.crawl import crawl_source
@@ -22,9 +23,11 @@ def catalog_for(settings: Settings, create: bool = True) -> Catalog:
 
 
 def crawl_step(settings: Settings, source: str, since: datetime | None = None,
-               until: datetime | None = None, limit: int | None = None, incremental: bool = True) -> dict:
+               until: datetime | None = None, limit: int | None = None, incremental: bool = True,
+               advance_watermark: bool = True) -> dict:
     return crawl_source(open_source(source), catalog_for(settings), since=since, until=until,
-                        limit=limit, incremental=incremental).to_dict()
+                        limit=limit, incremental=incremental,
+                        advance_watermark=advance_watermark).to_dict()
 
 
 def tree_ids(catalog: Catalog, trees: list[str] | None = None) -> list[str]:
@@ -39,8 +42,19 @@ def tree_ids(catalog: Catalog, trees: list[str] | None = None) -> list[str]:
 
 def extract_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
                  mode: str = "auto", on_result=None) -> dict:
-    """Extract each tree's layers: `layers` when given; else its expert's layer when it has one
-    (mode "auto"), else every candidate layer (mode "candidates", or no expert yet)."""
+    jobs, plans = plan_extraction(settings, trees, layers, mode)
+    summary = run_extraction(jobs, dask_address=settings.dask_address, n_workers=settings.dask_workers,
+                             on_result=on_result)
+    record_quarantine(catalog_for(settings), summary.results)
+    doc = summary.to_dict()
+    doc["layers"] = plans
+    return doc
+
+
+def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
+                    mode: str = "auto") -> tuple[list[ExtractJob], dict[str, list[str]]]:
+    """One job per model of each tree, for: `layers` when given; else the tree expert's layer when
+    it has one (mode "auto"), else every candidate layer (mode "candidates", or no expert yet)."""
     catalog = catalog_for(settings)
     models = [r for r in catalog.read(MODELS).to_pylist() if r["status"] != "superseded"]
     tree_rows = {t["tree_id"]: t for t in catalog.read("trees").to_pylist()}
@@ -64,12 +78,7 @@ def extract_step(settings: Settings, trees: list[str] | None = None, layers: lis
                               f"{', '.join(sorted(shapes)[:6])}{' ...' if len(shapes) > 6 else ''}")
         plans[tree_id] = wanted
         jobs += jobs_for_tree(source, models, tree_id, {l: shapes.get(l) for l in wanted}, settings.shards)
-    summary = run_extraction(jobs, dask_address=settings.dask_address, n_workers=settings.dask_workers,
-                             on_result=on_result)
-    record_quarantine(catalog, summary.results)
-    doc = summary.to_dict()
-    doc["layers"] = plans
-    return doc
+    return jobs, plans
 
 
 def _candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) -> dict[str, tuple[int, int]]:
