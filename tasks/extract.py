@@ -115,8 +115,6 @@ def tree_members(models: list[dict], tree_id: str) -> list[dict]:
 def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
     """The layers a tree offers: shared by a sample of its children (same name and matrix shape),
     heads excluded; for full fine-tunes only those fine-tuning changed relative to the root."""
-    from tasks.crawl import _files, _is_adapter, location
-
     members = [r for r in tree_members(models, tree_id) if r["status"] == "ok"]
     members.sort(key=lambda r: r["repo_id"])
     samples, sample_rows = [], []
@@ -149,8 +147,6 @@ def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str,
 
 def jobs_for_tree(source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],
                   shards_root: str) -> list[ExtractJob]:
-    from tasks.crawl import _files, location
-
     return [
         ExtractJob(location(source, r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
                    shards_root, tuple((l, tuple(s)) for l, s in layers.items() if s))

@@ -23,7 +23,7 @@ from storage.shards import layers_of, read_layer
 
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 NEGATIVE_LABELS = {"other", "others", "rest", "negative", "none", "background"}
-MIN_LABELLED = 8  # fewer documented models: the tree gets no expert, and says so
+MIN_LABELLED = 4  # fewer documented training models: the tree gets no expert, and says so
 
 
 class NoExpertError(ExpertError):
@@ -89,9 +89,18 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
     task = labels.task
     train = LayerDataset.from_rows([rows[r] for r in train_ids], tree=tree_id, layer=layer,
                                    labels=[labels.labels[r] for r in train_ids], task=task)
+    # Validation speaks the training vocabulary: unseen classes are dropped (multilabel) or their
+    # models left out (text), since the expert has no output for them.
+    known = set(train.classes)
+    if task == "text":
+        val_ids = [r for r in val_ids if labels.labels[r] in known]
+        val_labels = [labels.labels[r] for r in val_ids]
+    else:
+        val_labels = [[c for c in labels.labels[r] if c in known] for r in val_ids]
+    if not val_ids:
+        raise NoExpertError("no validation model has a class seen in training", tree=tree_id, layer=layer)
     val = LayerDataset.from_rows([rows[r] for r in val_ids], tree=tree_id, layer=layer,
-                                 labels=[labels.labels[r] for r in val_ids], task=task,
-                                 classes=train.classes)
+                                 labels=val_labels, task=task, classes=train.classes)
     return train, val
 
 
