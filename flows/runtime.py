@@ -27,5 +27,9 @@ def prefect_api() -> Iterator[str | None]:
     try:
         yield server.api_url
     finally:
+        # Ship buffered run logs while the API still answers, then stop it.
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

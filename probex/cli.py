@@ -348,19 +348,65 @@ def similar(
     emit(frame_doc(df), as_json, render_frame(f"like {repo_id}", ["repo_id", "score", "top_labels", "labels"]))
 
 
-# -- demo ---------------------------------------------------------------------------------------
+# -- flows ----------------------------------------------------------------------------------------
+def run_flow(fn):
+    """Run a Prefect flow against PREFECT_API_URL, or a local API started for this command."""
+    from flows.runtime import prefect_api
+
+    def go():
+        with prefect_api():
+            return fn()
+    return run_command(go)
+
+
+@app.command()
+def ingest(
+    source: Optional[str] = typer.Option(None, "--source", help="A lake folder, `hub`, or `hub:<endpoint>` (default: HOME/lake)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Backfill from (default: the watermark)."),
+    until: Optional[str] = typer.Option(None, "--until", help="Backfill until (exclusive)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """The nightly job as a Prefect flow: crawl, extract the layers trees need (Dask), embed."""
+    from flows.ingest import ingest as ingest_flow
+
+    s = settings_for(home)
+    doc = run_flow(lambda: ingest_flow(source=source, since=parse_date(since, "--since"),
+                                       until=parse_date(until, "--until"), limit=limit, home=str(s.home)))
+    emit(doc, as_json, lambda d: (render_crawl(d["crawl"]), render_extract(d["extract"])))
+
+
 @app.command()
 def demo(
     size: str = typer.Option("small", "--size", help="Lake size to build if absent."),
     home: Optional[Path] = HomeOpt,
     as_json: bool = JsonOpt,
 ):
-    """Build the demo lake if absent, then run the pipeline on it and show what it found."""
-    from zoo.build import build_lake
+    """Build the demo lake if absent, ingest it, train the experts, evaluate, and search."""
+    from flows.demo import demo as demo_flow
 
     s = settings_for(home)
-    summary = run_command(lambda: build_lake(s.lake, size=size, seed=0, progress=True))
-    emit(summary.to_dict(), as_json, render_lake_summary)
+    doc = run_flow(lambda: demo_flow(size=size, home=str(s.home)))
+    emit(doc, as_json, render_demo)
+
+
+def render_demo(doc: dict) -> None:
+    if doc.get("lake"):
+        render_lake_summary(doc["lake"])
+    render_crawl(doc["ingest"]["crawl"])
+    render_extract(doc["ingest"]["extract"])
+    render_train(doc["train"])
+    render_eval(doc["eval"])
+    rows = []
+    for sr in doc["searches"]:
+        hits = sr.get("hits") or []
+        top = ", ".join(f"{h['repo_id'].split('/')[-1]} ({'/'.join(h['truth'] or ['?'])})" for h in hits[:3])
+        rows.append([sr["query"], sr["why"], sr["tree"].split("/")[-1], "yes" if sr.get("hit@5") else "no",
+                     sr.get("error") or top])
+    out.print(table("example searches (truth from the lake's ground truth)",
+                    ["query", "kind", "tree", "hit@5", "top 3 (trained on)"], rows))
+    out.print(table("stage timings", ["stage", "seconds"], [[k, v] for k, v in doc["stages"].items()]))
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -78,6 +78,9 @@ def apply_runtime_env(settings: Settings) -> None:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "TOKENIZERS_PARALLELISM": "false",
+        # The first start of a local API migrates a fresh SQLite database: slow on 2 busy cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -107,9 +107,14 @@ SAMPLE_CHILDREN = 3  # children whose headers decide a tree's candidate layers
 def tree_members(models: list[dict], tree_id: str) -> list[dict]:
     """Current, readable children of a tree (the root itself has no fine-tune to read)."""
     return [r for r in models
-            if r.get("tree_id") == tree_id and r["repo_id"] != tree_id
-            and r["status"] in ("ok", "quarantined", "no_config", "bad_config", "bad_card")
-            and r["files"]]
+            if r.get("tree_id") == tree_id and r["repo_id"] != tree_id and r["files"]
+            and (r["status"] in ("ok", "no_config", "bad_config", "bad_card") or retry_quarantined(r))]
+
+
+def retry_quarantined(row: dict) -> bool:
+    """A quarantined revision is read again only if a worker failed on it (maybe transient): a
+    corrupt file stays corrupt until its content, and so its sha, changes."""
+    return row["status"] == "quarantined" and (row.get("reason") or "").startswith("worker_failed")
 
 
 def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
