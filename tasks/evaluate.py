@@ -126,3 +126,31 @@ def cross_tree(catalog: Catalog, shards: str, experts: str, tree_ids: list[str],
         return None
     return cross_tree_experiment(trees, tcfg or TrainConfig(threads=1),
                                  probex_kwargs=model_kwargs("multilabel", None))
+
+
+def retrieval(query, gt: dict, classes: list[str], k: int = 5, depth: int = 50) -> dict:
+    """Text -> models with each class name as the query, across all trees (what a user runs).
+
+    hit_rate@k: share of classes with a model trained on that class in the top k;
+    precision@k: mean share of such models in the top k; map: mean average precision over the
+    top `depth` (relevant = catalogued models whose ground truth names the class).
+    """
+    embedded = set(query.table.search().select(["repo_id"]).limit(None).to_pandas()["repo_id"])
+    hits, precisions, aps = [], [], []
+    for c in classes:
+        relevant = {r for r, g in gt.items() if r in embedded and c in (g["classes"] or [])}
+        if not relevant:
+            continue
+        ranked = query.search(c, k=depth)["repo_id"].tolist()
+        rel = [r in relevant for r in ranked]
+        hits.append(any(rel[:k]))
+        precisions.append(sum(rel[:k]) / k)
+        found, ap = 0, 0.0
+        for i, is_rel in enumerate(rel, 1):
+            if is_rel:
+                found += 1
+                ap += found / i
+        aps.append(ap / min(len(relevant), depth))
+    n = len(hits)
+    return {"n_classes": n, f"hit_rate@{k}": sum(hits) / n if n else None,
+            f"precision@{k}": sum(precisions) / n if n else None, "map": sum(aps) / n if n else None}
