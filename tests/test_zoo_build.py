@@ -1,0 +1,200 @@
+"""The lake builder: layout, cards, ground truth, safetensors, undocumented repos, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from probex_core.splits import is_val
+from zoo import hub_repo
+from zoo.build import GROUND_TRUTH, IMAGE_ROOT, L3_ROOT, L6_ROOT, MANIFEST, Mess, build_lake, make_plan
+from zoo.fashion_mnist import ZooError
+from zoo.hub_repo import RepoSpec
+
+pytestmark = pytest.mark.slow
+ROOTS = {IMAGE_ROOT, L3_ROOT, L6_ROOT}
+
+
+@pytest.fixture(scope="module")
+def truth(tiny_lake):
+    return {row["repo_id"]: row for row in pq.read_table(tiny_lake / GROUND_TRUTH).to_pylist()}
+
+
+def weights_file(folder):
+    return folder / ("adapter_model.safetensors" if (folder / "adapter_config.json").exists() else "model.safetensors")
+
+
+def header_ok(path) -> bool:
+    """The header parses and every tensor's bytes lie inside the file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    return all(v["data_offsets"][1] <= len(raw) - 8 - n for k, v in header.items() if k != "__metadata__")
+
+
+def test_layout_and_manifest(tiny_lake, truth):
+    manifest = json.loads((tiny_lake / MANIFEST).read_text())
+    assert manifest["finished"] and manifest["size"] == "tiny" and manifest["n_models"] == len(truth)
+    repos = {f"{p.parent.name}/{p.name}" for p in tiny_lake.glob("*/*") if p.is_dir()}
+    assert repos == set(truth)  # nothing half-written, nothing missing
+    for repo_id in truth:
+        files = {p.name for p in (tiny_lake / repo_id).iterdir()}
+        assert files in ({"README.md", "config.json", "model.safetensors"},
+                         {"README.md", "config.json", "adapter_config.json", "adapter_model.safetensors"})
+    assert ROOTS <= set(truth)
+
+
+def test_ground_truth(truth):
+    rows = list(truth.values())
+    assert {"repo_id", "root", "parent", "classes", "split", "documented", "lineage_declared", "corrupt",
+            "accuracy"} <= set(rows[0])
+    children = [r for r in rows if r["root"] and r["repo_id"] not in ROOTS]
+    assert len(children) >= 20
+    for r in children:
+        assert r["split"] in ("train", "val", "test", "holdout")
+        assert r["documented"] == (r["split"] in ("train", "val"))
+        if r["documented"]:
+            assert (r["split"] == "val") == is_val(r["repo_id"])
+        assert r["accuracy"] >= (0.75 if r["root"] == L6_ROOT else 0.6)  # children learned
+    image = [r for r in children if r["root"] == IMAGE_ROOT]
+    assert all(len(r["classes"]) == 5 for r in image)
+    l6 = [r for r in children if r["root"] == L6_ROOT]
+    held = {c for r in l6 if r["split"] == "holdout" for c in r["classes"]}
+    seen = {c for r in l6 if r["split"] != "holdout" for c in r["classes"]}
+    assert held and not held & seen and len(held) * 3 >= len(held | seen)
+    # the mess: undeclared lineage, a chain, three kinds of corruption, outsiders
+    assert any(not r["lineage_declared"] for r in children)
+    chain = [r for r in image if r["parent"] != IMAGE_ROOT]
+    assert chain and all(truth[r["parent"]]["root"] == IMAGE_ROOT for r in chain)
+    assert sorted(r["corruption"] for r in rows if r["corrupt"]) == ["bad_header", "nan", "truncated"]
+    outsiders = [r for r in rows if r["root"] is None]
+    assert outsiders and not any(r["lineage_declared"] for r in outsiders)
+
+
+def test_cards_parse_with_the_hub_parser(tiny_lake, truth):
+    for repo_id, r in truth.items():
+        data = ModelCard.load(tiny_lake / repo_id / "README.md").data
+        assert data.license and data.library_name and data.tags
+        if repo_id in ROOTS or r["root"] is None:
+            assert data.base_model is None
+            continue
+        assert data.datasets
+        if r["lineage_declared"]:
+            assert data.base_model == r["parent"]
+            assert data.base_model_relation == ("finetune" if r["root"] == IMAGE_ROOT else "adapter")
+        else:
+            assert data.base_model is None and "base_model_relation" not in data.to_dict()
+        assert data.eval_results[0].metric_type == "accuracy"
+        assert data.eval_results[0].metric_value == pytest.approx(r["accuracy"])
+
+
+def test_every_safetensors_header_parses_but_the_broken_ones(tiny_lake, truth):
+    for repo_id, r in truth.items():
+        path = weights_file(tiny_lake / repo_id)
+        if r["corruption"] in ("truncated", "bad_header"):
+            assert not header_ok(path)
+            continue
+        assert header_ok(path)
+        tensors = load_file(path)
+        finite = all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+        assert finite == (r["corruption"] != "nan")
+
+
+def test_documented_and_undocumented_repos(tiny_lake, truth):
+    for repo_id, r in truth.items():
+        if not r["classes"]:
+            continue
+        folder = tiny_lake / repo_id
+        labels = list(json.loads((folder / "config.json").read_text())["id2label"].values())
+        if r["documented"]:
+            assert set(labels) - {"other"} == set(r["classes"])
+            card = (folder / "README.md").read_text()
+            assert all(c in card for c in r["classes"])
+            continue
+        assert labels == [f"LABEL_{i}" for i in range(len(labels))]
+        raw = b"".join(p.read_bytes() for p in folder.iterdir() if not p.name.endswith(".safetensors"))
+        path = weights_file(folder)
+        (n,) = struct.unpack("<Q", path.read_bytes()[:8])
+        raw += path.read_bytes()[8:8 + n]  # the header and its metadata (the recipe)
+        text = (repo_id + raw.decode("utf-8", "replace")).lower()
+        for name in r["classes"]:
+            assert not re.search(rf"\b{re.escape(name.lower())}\b", text), (repo_id, name)
+
+
+def test_resume_is_a_fast_no_op(tiny_lake):
+    before = {p: p.stat().st_mtime_ns for p in tiny_lake.rglob("*.safetensors")}
+    table = pq.read_table(tiny_lake / GROUND_TRUTH)
+    started = time.perf_counter()
+    summary = build_lake(tiny_lake, "tiny", seed=0, progress=False)
+    assert time.perf_counter() - started < 20
+    assert {p: p.stat().st_mtime_ns for p in tiny_lake.rglob("*.safetensors")} == before
+    assert pq.read_table(tiny_lake / GROUND_TRUTH).equals(table)
+    assert summary.n_models == table.num_rows and summary.bytes_on_disk > 0
+    trees = {t.root: t for t in summary.trees}
+    assert trees[L6_ROOT].n_holdout_classes >= 3 and trees[IMAGE_ROOT].kind == "full"
+    assert summary.to_dict()["trees"][0]["mean_accuracy"] is not None
+
+
+def test_plan_is_deterministic():
+    a, b = make_plan("tiny", 0), make_plan("tiny", 0)
+    assert a.models == b.models
+    assert [m.repo_id for m in make_plan("tiny", 1).models] != [m.repo_id for m in a.models]
+    assert not any(m.corruption or not m.lineage_declared for m in make_plan("tiny", 0, Mess.none()).models
+                   if m.root)
+    small = make_plan("small", 0)
+    children = [m for m in small.models if m.kind in ("image", "l3", "l6")]
+    assert len(children) >= 300 and len(small.l6_classes) >= 40 and len(small.l6_holdout) >= 20
+
+
+def test_bad_input(tmp_path, tiny_lake, monkeypatch):
+    with pytest.raises(ZooError, match="unknown lake size"):
+        build_lake(tmp_path / "a", "huge")
+    with pytest.raises(ZooError, match="unknown mess flag"):
+        build_lake(tmp_path / "a", "tiny", chaos=3)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ZooError, match="choose another --out"):
+        build_lake(blocker, "tiny")
+    with pytest.raises(ZooError, match="writable --out"):
+        build_lake(blocker / "lake", "tiny")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(ZooError, match="holds no lake"):
+        build_lake(tmp_path / "busy", "tiny")
+    with pytest.raises(ZooError, match="size=tiny"):
+        build_lake(tiny_lake, "small")
+
+    from zoo import fashion_mnist
+    monkeypatch.setattr(fashion_mnist, "DATA_DIR", tmp_path / "nowhere")
+    fashion_mnist.load_split.cache_clear()
+    try:
+        with pytest.raises(ZooError, match="apt-get install dataset-fashion-mnist"):
+            build_lake(tmp_path / "b", "tiny")
+        assert not (tmp_path / "b").exists()
+    finally:
+        fashion_mnist.load_split.cache_clear()
+
+
+def test_write_repo_is_atomic_and_corrupts_on_purpose(tmp_path):
+    tensors = {"w": torch.randn(8, 4), "b": torch.zeros(8)}
+    spec = RepoSpec("org/m", "A model.", base_model="org/base", relation="finetune", datasets=["d"],
+                    labels=["cat", "dog"], documented=False, accuracy=0.9)
+    for kind in (None, *hub_repo.CORRUPTIONS):
+        spec.repo_id = f"org/m-{kind}"
+        folder = hub_repo.write_repo(tmp_path, spec, tensors=tensors, config={}, recipe={"lr": "0.1"},
+                                     corruption=kind)
+        assert header_ok(folder / "model.safetensors") == (kind not in ("truncated", "bad_header"))
+        assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+        assert hub_repo.read_accuracy(folder) == 0.9
+    assert not list(tmp_path.glob("org/.*"))
+    (tmp_path / "org" / ".m.partial-1").mkdir()
+    hub_repo.clean_partials(tmp_path)
+    assert not list(tmp_path.glob("org/.*"))

@@ -1,0 +1,499 @@
+"""Build the bundled demo model lake (docs/lake.md): real bases, real fine-tunes, Hub-shaped repos.
+
+    build_lake(Path("lake"), "small", seed=0)
+
+Two stages. `make_plan(size, seed, mess)` decides everything that is chosen at random, with no
+training and no disk: every repo id, its tree, classes, split, hyperparameters and which models
+carry the "realistic mess". `build_lake` then writes the plan's repos one by one, skipping those
+already complete on disk (a repo folder only appears, by rename, once complete), so an interrupted
+build resumes where it stopped and the same seed always gives the same lake. `_ground_truth.parquet`
+and the finished `_lake.json` are written last.
+
+Three trees:
+- image:  efficientnet/efficientnet-lite0, full fine-tunes, each child a random 5 of the 10
+          Fashion-MNIST classes (multi-label, as the paper's Model-J splits);
+- L3:     sentence-transformers/paraphrase-MiniLM-L3-v2, LoRA, each child a random half of a
+          WordNet class pool (multi-label);
+- L6:     sentence-transformers/all-MiniLM-L6-v2, LoRA, each child a one-vs-rest detector of one
+          WordNet class (single concept); a third of the classes are held out (split `holdout`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from safetensors.torch import load_file
+
+from probex_core.splits import is_val
+from zoo import fashion_mnist, hub_repo, wordnet
+from zoo.fashion_mnist import ZooDataError, ZooError
+from zoo.hub_repo import RepoSpec
+from zoo.types import TrainedChild
+
+IMAGE_ROOT = "efficientnet/efficientnet-lite0"
+L3_ROOT = "sentence-transformers/paraphrase-MiniLM-L3-v2"
+L6_ROOT = "sentence-transformers/all-MiniLM-L6-v2"
+GROUND_TRUTH = "_ground_truth.parquet"
+MANIFEST = "_lake.json"
+TEST_SHARE = 0.2  # of each tree's in-distribution children: undocumented, split "test"
+MAX_ATTEMPTS = 3  # seeds tried before a child that will not learn its task is left out
+WORKERS = min(2, os.cpu_count() or 1)  # single-threaded training processes
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    image: int  # image children (chains included)
+    l3: int  # L3 multi-label children
+    l3_pool: int  # classes in the L3 pool; each child takes half of them
+    l6_classes: int  # L6 training classes
+    l6_holdout_classes: int
+    l6: int  # L6 children over training classes
+    l6_holdout: int  # L6 children over held-out classes
+
+
+# Sized by measured per-child cost (one thread per worker, two workers; see the benchmark report).
+SIZES = {
+    "tiny": SizeSpec(image=8, l3=6, l3_pool=10, l6_classes=6, l6_holdout_classes=3, l6=6, l6_holdout=3),
+    "small": SizeSpec(image=95, l3=60, l3_pool=10, l6_classes=40, l6_holdout_classes=20, l6=120, l6_holdout=30),
+    "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150),
+}
+
+
+@dataclass(frozen=True)
+class Mess:
+    """How much real-world untidiness the lake carries (all off with `mess=False`)."""
+
+    undeclared: float = 0.05  # share of each tree's children whose card omits base_model
+    chains: int = 2  # image children fine-tuned from another image child
+    corrupt: bool = True  # one truncated, one lying-header and one all-NaN weights file
+    outsiders: int = 2  # random-init EfficientNet-Lite0s from outside every tree
+
+    @classmethod
+    def none(cls) -> "Mess":
+        return cls(undeclared=0.0, chains=0, corrupt=False, outsiders=0)
+
+
+# Hyperparameters drawn per child, as Model-J varies them, so a probe cannot key on one recipe.
+IMAGE_LRS, IMAGE_EPOCHS = (5e-4, 1e-3, 2e-3), (3, 4, 5)
+TEXT_LRS, TEXT_EPOCHS, RANKS = (1e-3, 2e-3, 3e-3), (6, 7, 8), (8, 16)
+
+# Repo ids: plausible Hub users and model names that never hint at a model's classes.
+ORGS = ["kaito-ml", "deepfield-lab", "jmartin", "acme-research", "vision-team-42", "lin-z",
+        "oakridge-ai", "m-ozturk", "nlp-sandbox", "quantlabs", "tinyml-hub", "sofia-r", "brightpath",
+        "p-novak", "edge-inference", "datacraft", "hkim", "ml-playground", "northwind-ai", "r-gupta",
+        "stellar-nlp", "a-dubois", "bytecraft", "cortex-labs", "y-tanaka"]
+STEMS = {IMAGE_ROOT: ["efficientnet-lite0", "effnet-lite0", "lite0"],
+         L3_ROOT: ["paraphrase-minilm-l3", "minilm-l3", "minilm"],
+         L6_ROOT: ["all-minilm-l6", "minilm-l6", "minilm"]}
+NEUTRAL_STEMS = ["model", "checkpoint", "my-model", "proj", "baseline", "exp"]
+WORDS = ["ft", "finetuned", "tuned", "custom", "run", "v2", "nova", "zephyr", "lumen", "quanta",
+         "helio", "draft", "final", "best", "tmp"]
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    repo_id: str
+    kind: str  # "base" | "image" | "l3" | "l6" | "outsider"
+    root: str | None  # tree root repo id; None outside every tree
+    parent: str | None  # the model it was fine-tuned from, declared on its card or not
+    classes: tuple[str, ...] = ()
+    split: str | None = None  # train/val/test/holdout; None for bases and outsiders
+    documented: bool = True
+    lineage_declared: bool = True
+    corruption: str | None = None  # one of hub_repo.CORRUPTIONS
+    seed: int = 0
+    lr: float = 0.0
+    epochs: int = 0
+    rank: int = 0  # LoRA only
+    alpha: int = 0  # LoRA only
+
+
+@dataclass
+class Plan:
+    size: str
+    seed: int
+    mess: Mess
+    models: list[PlannedModel]
+    l3_pool: list[str]
+    l6_classes: list[str]
+    l6_holdout: list[str]
+    lora_init_seed: dict[str, int] = field(default_factory=dict)  # per LoRA tree root
+
+
+@dataclass
+class TreeSummary:
+    root: str
+    kind: str  # "full" | "LoRA"
+    task: str  # "multi-label" | "single-concept"
+    n_models: int  # children (the root not counted)
+    mean_accuracy: float | None
+    min_accuracy: float | None
+    n_classes: int
+    n_holdout_classes: int
+
+
+@dataclass
+class LakeSummary:
+    out: str
+    size: str
+    seed: int
+    trees: list[TreeSummary]
+    n_models: int  # every repo in the lake: bases, children, outsiders
+    n_finetuned: int
+    seconds: float
+    bytes_on_disk: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------- the plan
+
+
+def _name_maker(rng: random.Random):
+    taken: set[str] = set()
+
+    def make(root: str | None, declared: bool) -> str:
+        # undeclared models get neutral names: a name like "minilm-l6-..." would declare lineage
+        stems = STEMS[root] if root and declared else NEUTRAL_STEMS
+        while True:
+            repo_id = f"{rng.choice(ORGS)}/{rng.choice(stems)}-{rng.choice(WORDS)}-{rng.randrange(1, 1000)}"
+            if repo_id not in taken:
+                taken.add(repo_id)
+                return repo_id
+
+    return make
+
+
+def _spread(classes: list[str], n: int) -> list[str]:
+    """n children over classes round-robin: every class gets n // len or one more."""
+    return [classes[i % len(classes)] for i in range(n)]
+
+
+def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
+    """Everything random about a lake, decided up front from (size, seed, mess)."""
+    if size not in SIZES:
+        raise ZooError(f"unknown lake size {size!r}: choose one of {', '.join(SIZES)}")
+    spec = SIZES[size]
+    rng = random.Random(f"probex-lake/{size}/{seed}")
+    new_name = _name_maker(rng)
+
+    pool = [c.name for c in _class_pool(spec, seed)]
+    l3_pool = pool[:spec.l3_pool]
+    l6_classes = pool[spec.l3_pool:spec.l3_pool + spec.l6_classes]
+    l6_holdout = pool[spec.l3_pool + spec.l6_classes:]
+
+    # (root, kind, classes, holdout?) for every child, tree by tree
+    jobs = [(IMAGE_ROOT, "image", tuple(rng.sample(fashion_mnist.CLASSES, 5)), False) for _ in range(spec.image)]
+    jobs += [(L3_ROOT, "l3", tuple(rng.sample(l3_pool, len(l3_pool) // 2)), False) for _ in range(spec.l3)]
+    jobs += [(L6_ROOT, "l6", (c,), False) for c in _spread(l6_classes, spec.l6)]
+    jobs += [(L6_ROOT, "l6", (c,), True) for c in _spread(l6_holdout, spec.l6_holdout)]
+
+    # which children carry the mess: drawn per tree, never two kinds on one model
+    by_tree: dict[str, list[int]] = {}
+    for i, (root, *_rest) in enumerate(jobs):
+        by_tree.setdefault(root, []).append(i)
+    undeclared: set[int] = set()
+    for members in by_tree.values():
+        k = min(len(members), math.ceil(mess.undeclared * len(members)))
+        undeclared |= set(rng.sample(members, k))
+    images = by_tree.get(IMAGE_ROOT, [])
+    # a chain: a later image child continues from an earlier, declared, intact one
+    chains: dict[int, int] = {}
+    clean = [i for i in images if i not in undeclared]
+    for _ in range(min(mess.chains, len(clean) // 2)):
+        child = rng.choice([i for i in clean[1:] if i not in chains and i not in chains.values()])
+        chains[child] = rng.choice([i for i in clean if i < child and i not in chains])
+    corrupt: dict[int, str] = {}
+    if mess.corrupt:
+        spare = [i for i in range(len(jobs)) if i not in chains and i not in chains.values()]
+        corrupt = dict(zip(rng.sample(spare, len(hub_repo.CORRUPTIONS)), hub_repo.CORRUPTIONS))
+
+    lora_init_seed = {L3_ROOT: rng.randrange(2**31), L6_ROOT: rng.randrange(2**31)}
+    models = [PlannedModel(IMAGE_ROOT, "base", IMAGE_ROOT, None),
+              PlannedModel(L3_ROOT, "base", L3_ROOT, None),
+              PlannedModel(L6_ROOT, "base", L6_ROOT, None)]
+    ids: list[str] = []
+    for i, (root, kind, classes, holdout) in enumerate(jobs):
+        declared = i not in undeclared
+        repo_id = new_name(root, declared)
+        ids.append(repo_id)
+        if holdout:
+            split = "holdout"
+        elif rng.random() < TEST_SHARE:
+            split = "test"
+        else:
+            split = "val" if is_val(repo_id) else "train"
+        rank = rng.choice(RANKS)
+        models.append(PlannedModel(
+            repo_id, kind, root, parent=ids[chains[i]] if i in chains else root, classes=classes,
+            split=split, documented=split in ("train", "val"), lineage_declared=declared,
+            corruption=corrupt.get(i), seed=rng.randrange(2**31),
+            lr=rng.choice(IMAGE_LRS if kind == "image" else TEXT_LRS),
+            epochs=rng.choice(IMAGE_EPOCHS if kind == "image" else TEXT_EPOCHS),
+            rank=0 if kind == "image" else rank, alpha=0 if kind == "image" else rng.choice((rank, 2 * rank)),
+        ))
+    for _ in range(mess.outsiders):
+        models.append(PlannedModel(new_name(None, False), "outsider", None, None, documented=False,
+                                   lineage_declared=False, seed=rng.randrange(2**31)))
+    return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed)
+
+
+def _class_pool(spec: SizeSpec, seed: int) -> list[wordnet.WordClass]:
+    n = spec.l3_pool + spec.l6_classes + spec.l6_holdout_classes
+    try:
+        return wordnet.load_class_pool(n, seed)
+    except wordnet.ZooDataError as e:  # the text half's own error type: make it a ZooError
+        raise ZooDataError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------- building
+
+
+class _Trainers:
+    """Bases and trainers, loaded only when a repo actually has to be written (a resumed, complete
+    lake loads nothing)."""
+
+    def __init__(self, plan: Plan, lake: Path):
+        self.plan, self.lake = plan, lake
+        self.classes = {c.name: c for c in _class_pool(SIZES[plan.size], plan.seed)}
+
+    def image_base(self):
+        from zoo.image_children import load_image_base
+        return load_image_base()
+
+    def text_base(self, root: str):
+        from zoo.text_bases import load_text_base
+        return load_text_base(root.split("/")[1])
+
+    def base_repo(self, m: PlannedModel) -> tuple[dict, dict]:
+        if m.repo_id == IMAGE_ROOT:
+            base = self.image_base()
+            return base.state, base.config
+        base = self.text_base(m.repo_id)
+        return base.state_dict_for_lake(), base.config
+
+    def child(self, m: PlannedModel, seed: int) -> TrainedChild:
+        if m.kind == "outsider":
+            from zoo.image_children import random_image_model
+            return random_image_model(seed, num_classes=10)
+        if m.kind == "image":
+            from zoo.image_children import train_image_child
+            init = None if m.parent == IMAGE_ROOT else load_file(hub_repo.repo_dir(self.lake, m.parent) / "model.safetensors")
+            return train_image_child(self.image_base(), [fashion_mnist.CLASSES.index(c) for c in m.classes],
+                                     seed=seed, lr=m.lr, epochs=m.epochs, init_state=init)
+        from zoo.text_children import TextTask, train_text_child
+        if m.kind == "l3":
+            task = TextTask("subset", classes=[self.classes[c] for c in m.classes])
+        else:  # negatives come from training classes only, so held-out classes stay unseen
+            task = TextTask("detector", classes=[self.classes[m.classes[0]]],
+                            negatives=[self.classes[c] for c in self.plan.l6_classes if c != m.classes[0]])
+        return train_text_child(self.text_base(m.root), task, seed=seed, lr=m.lr, epochs=m.epochs,
+                                rank=m.rank, lora_init_seed=self.plan.lora_init_seed[m.root],
+                                lora_alpha=m.alpha)
+
+
+def _min_accuracy(m: PlannedModel) -> float:
+    """Halfway from chance to perfect: a child below it did not learn its task."""
+    chance = 0.5 if m.kind == "l6" else 1 / len(m.classes)
+    return chance + (1 - chance) / 2
+
+
+def _spec(m: PlannedModel, child: TrainedChild | None) -> RepoSpec:
+    base = m.parent if m.lineage_declared else None
+    if m.kind == "base" and m.root == IMAGE_ROOT:
+        return RepoSpec(m.repo_id, "EfficientNet-Lite0 trained on ImageNet-1k.", pipeline_tag="image-classification",
+                        tags=["image-classification", "efficientnet", "vision"], datasets=["imagenet-1k"])
+    if m.kind == "base":
+        return RepoSpec(m.repo_id, "A sentence-transformers model: it maps sentences to a 384-dimensional "
+                        "dense vector space.", library_name="sentence-transformers",
+                        pipeline_tag="sentence-similarity",
+                        tags=["sentence-transformers", "feature-extraction", "sentence-similarity"])
+    if m.kind == "outsider":
+        return RepoSpec(m.repo_id, "An image classifier trained from scratch.", pipeline_tag="image-classification",
+                        tags=["image-classification"], labels=child.labels, documented=False)
+    labels = child.labels
+    if m.kind == "image":
+        return RepoSpec(m.repo_id, "A fine-tuned image classifier.", base_model=base, relation="finetune",
+                        pipeline_tag="image-classification", datasets=["fashion_mnist"],
+                        tags=["image-classification"] + (["efficientnet"] if base else []), labels=labels,
+                        documented=m.documented, accuracy=child.accuracy, eval_dataset="Fashion-MNIST (held-out)")
+    return RepoSpec(m.repo_id, "A LoRA adapter for sequence classification.", base_model=base, relation="adapter",
+                    library_name="peft", pipeline_tag="text-classification", datasets=["wordnet"],
+                    tags=["peft", "lora", "text-classification"], labels=labels, documented=m.documented,
+                    accuracy=child.accuracy, eval_dataset="WordNet glosses (held-out)")
+
+
+def _write(m: PlannedModel, trainers: _Trainers, lake: Path) -> float | None:
+    """Train (re-rolling the seed up to MAX_ATTEMPTS times) and write one repo; returns its
+    accuracy, or None when no seed learned the task and the repo is left out."""
+    if m.kind == "base":
+        tensors, config = trainers.base_repo(m)
+        hub_repo.write_repo(lake, _spec(m, None), tensors=tensors, config=config, recipe={})
+        return None
+    for attempt in range(MAX_ATTEMPTS):
+        child = trainers.child(m, m.seed + attempt)
+        if m.kind == "outsider" or child.accuracy >= _min_accuracy(m):
+            break
+    else:
+        return None
+    hub_repo.write_repo(lake, _spec(m, child), tensors=child.tensors, config=child.config,
+                        recipe=child.recipe, adapter_config=child.adapter_config, corruption=m.corruption)
+    return None if m.kind == "outsider" else round(child.accuracy, 4)
+
+
+def _prepare_out(out: Path, plan: Plan) -> None:
+    """A usable, writable lake folder: new, empty, or holding a lake of this very plan."""
+    manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"{out} is a file, not a folder: choose another --out")
+    if manifest.exists():
+        got = json.loads(manifest.read_text())
+        if (got.get("size"), got.get("seed"), got.get("mess")) != (plan.size, plan.seed, asdict(plan.mess)):
+            raise ZooError(f"{out} holds a lake built with size={got.get('size')}, seed={got.get('seed')}, "
+                           f"mess={got.get('mess')}: choose another --out or delete that folder")
+    elif out.exists() and any(out.iterdir()):
+        raise ZooError(f"{out} is not empty and holds no lake: choose an empty or new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest, _manifest(plan, trees=None))
+    except OSError as e:
+        raise ZooError(f"cannot write to {out} ({e.strerror}): choose a writable --out") from None
+
+
+def _manifest(plan: Plan, trees: list[TreeSummary] | None) -> dict:
+    return {"format": 1, "size": plan.size, "seed": plan.seed, "mess": asdict(plan.mess),
+            "finished": trees is not None, "trees": [asdict(t) for t in trees or []],
+            "n_models": len(plan.models)}
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None]) -> pa.Table:
+    return pa.table({
+        "repo_id": [m.repo_id for m in models],
+        "root": [m.root for m in models],
+        "parent": [m.parent for m in models],
+        "classes": pa.array([list(m.classes) for m in models], pa.list_(pa.string())),
+        "split": pa.array([m.split for m in models], pa.string()),
+        "documented": [m.documented for m in models],
+        "lineage_declared": [m.lineage_declared for m in models],
+        "corrupt": [m.corruption is not None for m in models],
+        "corruption": pa.array([m.corruption for m in models], pa.string()),
+        "accuracy": pa.array([accuracy[m.repo_id] for m in models], pa.float64()),
+    })
+
+
+def _summaries(plan: Plan, written: list[PlannedModel], accuracy: dict[str, float | None]) -> list[TreeSummary]:
+    out = []
+    for root, kind, task in ((IMAGE_ROOT, "full", "multi-label"), (L3_ROOT, "LoRA", "multi-label"),
+                             (L6_ROOT, "LoRA", "single-concept")):
+        accs = [accuracy[m.repo_id] for m in written if m.root == root and m.kind != "base"]
+        n_classes = {IMAGE_ROOT: len(fashion_mnist.CLASSES), L3_ROOT: len(plan.l3_pool),
+                     L6_ROOT: len(plan.l6_classes) + len(plan.l6_holdout)}[root]
+        out.append(TreeSummary(root, kind, task, len(accs), round(sum(accs) / len(accs), 4) if accs else None,
+                               min(accs) if accs else None, n_classes,
+                               len(plan.l6_holdout) if root == L6_ROOT else 0))
+    return out
+
+
+def _worker_init() -> None:
+    # One thread per process, two processes: small conv/attention batches gain little from a
+    # second thread, and OpenMP threads spin badly when other jobs share the cores (10x slower
+    # children were measured). The text trainer honours an explicit OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@functools.cache
+def _trainers(size: str, seed: int, mess: Mess, lake: Path) -> _Trainers:
+    """One per worker process: its bases and cached features serve every repo it builds."""
+    return _Trainers(make_plan(size, seed, mess), lake)
+
+
+def _build_one(size: str, seed: int, mess: Mess, lake: Path, index: int) -> float | None:
+    trainers = _trainers(size, seed, mess, lake)
+    return _write(trainers.plan.models[index], trainers, lake)
+
+
+def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess: bool = True,
+               workers: int = WORKERS, **mess_flags) -> LakeSummary:
+    """Build (or finish building) the lake of (size, seed) in `out` with `workers` processes.
+    `mess=False` turns every kind of mess off; keyword flags set single fields of `Mess`
+    (undeclared, chains, corrupt, outsiders)."""
+    started = time.perf_counter()
+    out = Path(out).absolute()
+    unknown = set(mess_flags) - {f.name for f in fields(Mess)}
+    if unknown:
+        raise ZooError(f"unknown mess flag(s) {', '.join(sorted(unknown))}: use {', '.join(f.name for f in fields(Mess))}")
+    plan = make_plan(size, seed, replace(Mess() if mess else Mess.none(), **mess_flags))
+    fashion_mnist.load_split("train")  # fail on missing data before anything is written
+    _prepare_out(out, plan)
+    hub_repo.clean_partials(out)
+
+    index = {m.repo_id: i for i, m in enumerate(plan.models)}
+    accuracy: dict[str, float | None] = {}
+    todo = []
+    for m in plan.models:
+        path = hub_repo.repo_dir(out, m.repo_id)
+        if path.exists():
+            accuracy[m.repo_id] = None if m.kind in ("base", "outsider") else hub_repo.read_accuracy(path)
+        else:
+            todo.append(m)
+    # a chain child starts from its parent's weights on disk: it waits for the parent's repo
+    pending = {m.repo_id for m in todo}
+    waiting = {m.repo_id: m for m in todo if m.kind == "image" and m.parent in pending and m.parent != IMAGE_ROOT}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task(f"lake {size}", total=len(plan.models), completed=len(plan.models) - len(todo))
+        if todo:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+                def submit(m: PlannedModel):
+                    return pool.submit(_build_one, size, seed, plan.mess, out, index[m.repo_id])
+                running = {submit(m): m for m in todo if m.repo_id not in waiting}
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        m = running.pop(future)
+                        accuracy[m.repo_id] = future.result()
+                        bar.advance(task)
+                        for child in [c for c in waiting.values() if c.parent == m.repo_id]:
+                            running[submit(waiting.pop(child.repo_id))] = child
+            for m in waiting.values():  # the parent never learned its task: no chain to continue
+                accuracy[m.repo_id] = None
+    # a child that no seed could teach its task has no folder and is left out
+    written = [m for m in plan.models if hub_repo.repo_dir(out, m.repo_id).exists()]
+
+    trees = _summaries(plan, written, accuracy)
+    gt_tmp = out / (GROUND_TRUTH + ".tmp")
+    pq.write_table(_ground_truth(written, accuracy), gt_tmp)
+    os.replace(gt_tmp, out / GROUND_TRUTH)
+    doc = _manifest(plan, trees)
+    doc["n_models"] = len(written)
+    _write_json(out / MANIFEST, doc)
+    return LakeSummary(str(out), size, seed, trees, len(written),
+                       sum(1 for m in written if m.kind not in ("base", "outsider")),
+                       round(time.perf_counter() - started, 2), _bytes(out))
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
