@@ -10,6 +10,7 @@ the current one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -80,8 +81,11 @@ def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict
 def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str, layer: str
                    ) -> tuple[LayerDataset, LayerDataset]:
     ids = sorted(r for r in labels.labels if r in rows)
-    train_ids = [r for r in ids if not is_val(r)]
     val_ids = [r for r in ids if is_val(r)]
+    if not val_ids and len(ids) > MIN_LABELLED:
+        # A small tree the hash left without validation models: hold out one, chosen stably.
+        val_ids = [min(ids, key=lambda r: hashlib.sha256(r.encode()).digest())]
+    train_ids = [r for r in ids if r not in set(val_ids)]
     if len(train_ids) < MIN_LABELLED or not val_ids:
         raise NoExpertError(f"{len(train_ids)} labelled training and {len(val_ids)} validation models "
                             f"with extracted layers; an expert needs >= {MIN_LABELLED} and >= 1",

@@ -1,0 +1,77 @@
+"""The pipeline on the tiny lake, against its ground truth: placement, quarantine, bytes, experts."""
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from storage.catalog import MODELS, Catalog
+
+
+@pytest.fixture(scope="module")
+def gt(tiny_home):
+    s, _ = tiny_home
+    return {r["repo_id"]: r for r in pq.read_table(s.lake / "_ground_truth.parquet").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_home):
+    s, _ = tiny_home
+    return {r["repo_id"]: r for r in Catalog(s.catalog).read(MODELS).to_pylist()}
+
+
+def test_declared_lineage_lands_in_the_true_tree(gt, models):
+    declared = [r for r, g in gt.items() if g["lineage_declared"] and g["root"]]
+    assert declared
+    assert all(models[r]["tree_id"] == gt[r]["root"] for r in declared)
+
+
+def test_undeclared_models_routed_by_weights_and_outsiders_left_unassigned(gt, models):
+    undeclared = [r for r, g in gt.items() if not g["lineage_declared"] and g["root"]]
+    outsiders = [r for r, g in gt.items() if g["root"] is None]
+    assert undeclared and outsiders
+    for r in undeclared:
+        assert models[r]["tree_id"] == gt[r]["root"], (r, models[r]["reason"])
+        assert models[r]["lineage_source"] == "weights"
+    for r in outsiders:
+        assert models[r]["status"] == "unassigned" and models[r]["tree_id"] is None
+        assert json.loads(models[r]["route_distances"])  # distances are recorded
+
+
+def test_corrupt_files_and_only_they_are_quarantined(gt, models):
+    corrupt = {r for r, g in gt.items() if g["corrupt"]}
+    quarantined = {r for r, m in models.items() if m["status"] == "quarantined"}
+    assert corrupt and quarantined == corrupt
+    assert all(models[r]["reason"] for r in quarantined)
+
+
+def test_extraction_reads_only_the_bytes_it_needs(tiny_home):
+    _, steps = tiny_home
+    ex = steps["extract"]
+    files = ex["models"]
+    assert ex["extracted"] > 0
+    assert ex["bytes_read"] <= 1.1 * ex["bytes_needed"] + 64 * 1024 * files
+    assert ex["bytes_read"] < ex["bytes_in_files"]
+
+
+def test_every_tree_gets_an_expert_from_documented_models(tiny_home):
+    _, steps = tiny_home
+    trees = steps["train"]["trees"]
+    assert len(trees) == 3
+    for tree_id, r in trees.items():
+        assert r["skipped"] is None, (tree_id, r["skipped"])
+        assert r["layer"] and r["promoted"] and r["n_train"] >= 4
+    assert trees["sentence-transformers/all-MiniLM-L6-v2"]["task"] == "zeroshot"
+    assert trees["efficientnet/efficientnet-lite0"]["task"] == "multilabel"
+
+
+def test_embeddings_cover_every_extracted_model(tiny_home, models):
+    s, steps = tiny_home
+    emb = Catalog(s.catalog).read("embeddings").to_pylist()
+    ok = {r for r, m in models.items() if m["status"] == "ok" and m["tree_id"] and r != m["tree_id"]}
+    assert {e["repo_id"] for e in emb} == ok
+    for e in emb:
+        assert math.isclose(sum(v * v for v in e["vector"]), 1.0, rel_tol=1e-4)
+        assert len(e["top_labels"]) == len(e["top_scores"]) > 0
+    assert steps["embed"]["tag"].startswith("embed-")
