@@ -204,7 +204,7 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
     jobs += [(L6_ROOT, "l6", (c,), False) for c in _spread(l6_classes, spec.l6)]
     jobs += [(L6_ROOT, "l6", (c,), True) for c in _spread(l6_holdout, spec.l6_holdout)]
 
-    # which children carry the mess: drawn per tree, never two kinds on one model
+    # which children carry the mess, drawn per tree; chains only between declared, intact children
     by_tree: dict[str, list[int]] = {}
     for i, (root, *_rest) in enumerate(jobs):
         by_tree.setdefault(root, []).append(i)
@@ -325,7 +325,7 @@ def _spec(m: PlannedModel, child: TrainedChild | None) -> RepoSpec:
                         pipeline_tag="sentence-similarity",
                         tags=["sentence-transformers", "feature-extraction", "sentence-similarity"])
     if m.kind == "outsider":
-        return RepoSpec(m.repo_id, "An image classifier trained from scratch.", pipeline_tag="image-classification",
+        return RepoSpec(m.repo_id, "An image classifier.", pipeline_tag="image-classification",
                         tags=["image-classification"], labels=child.labels, documented=False)
     labels = child.labels
     if m.kind == "image":
