@@ -1,0 +1,343 @@
+"""The benchmark report: measures every target the issues name and writes docs/benchmarks.md.
+
+    .venv/bin/python scripts/benchmark.py                 # all sections on the small lake
+    .venv/bin/python scripts/benchmark.py crawl extract   # only some sections
+    .venv/bin/python scripts/benchmark.py lake --sizes tiny small full
+
+Each section stores its measurements in docs/bench/<section>.json (with date and machine), and the
+report is re-rendered from every stored section, so sections can be re-measured one at a time.
+Work folders live under $PROBEX_BENCH_DIR (default /tmp/probex-bench); lakes there are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+BENCH = Path(os.environ.get("PROBEX_BENCH_DIR", "/tmp/probex-bench"))
+STORE = ROOT / "docs" / "bench"
+REPORT = ROOT / "docs" / "benchmarks.md"
+
+
+def machine() -> dict:
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        pass
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "gpu": gpu or "none",
+            "python": platform.python_version()}
+
+
+def save(section: str, doc: dict) -> None:
+    STORE.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine(), **doc}
+    (STORE / f"{section}.json").write_text(json.dumps(doc, indent=2, default=str))
+    print(f"[bench] {section}: saved", file=sys.stderr)
+
+
+def lake_path(size: str) -> Path:
+    return BENCH / f"lake_{size}"
+
+
+def ensure_lake(size: str) -> Path:
+    from zoo.build import build_lake
+
+    out = lake_path(size)
+    manifest = out / "_lake.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("finished")):
+        build_lake(out, size, seed=0, progress=True)
+    return out
+
+
+def fresh_home(name: str, size: str = "small"):
+    from probex.config import Settings, apply_runtime_env
+
+    home = BENCH / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    os.symlink(ensure_lake(size), home / "lake")
+    s = Settings.load(home)
+    apply_runtime_env(s)
+    return s
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def bench_lake(sizes: list[str]) -> None:
+    from zoo.build import build_lake
+
+    doc = json.loads((STORE / "lake.json").read_text()) if (STORE / "lake.json").exists() else {}
+    doc.pop("machine", None)
+    for size in sizes:
+        out = lake_path(size)
+        shutil.rmtree(out, ignore_errors=True)
+        summary = build_lake(out, size, seed=0, progress=True).to_dict()
+        doc[size] = {"seconds": summary["seconds"], "bytes_on_disk": summary["bytes_on_disk"],
+                     "n_models": summary["n_models"], "n_finetuned": summary.get("n_finetuned"),
+                     "trees": summary["trees"], "measured": machine()["date"]}
+    save("lake", doc)
+
+
+def bench_crawl() -> None:
+    import pyarrow.parquet as pq
+
+    from hubserver import HubServer
+    from storage.catalog import MODELS, Catalog
+    from storage.sources import HubSource, LocalSource
+    from tasks.crawl import crawl_source
+
+    lake = ensure_lake("small")
+    out = {}
+    cat = Catalog(str(BENCH / "crawl" / "local"))
+    shutil.rmtree(cat.uri, ignore_errors=True)
+    cat = Catalog(str(BENCH / "crawl" / "local"))
+    first = crawl_source(LocalSource(lake), cat)
+    second = crawl_source(LocalSource(lake), cat, incremental=False)
+    out["local"] = {"models": first.seen, "seconds": first.seconds, "models_per_s": first.seen / first.seconds,
+                    "second_run_seconds": second.seconds, "second_run_new_changed": second.new + second.changed,
+                    "second_over_first": second.seconds / first.seconds}
+    with HubServer(lake, page_size=100) as hub:
+        rcat_dir = BENCH / "crawl" / "hub"
+        shutil.rmtree(rcat_dir, ignore_errors=True)
+        rcat = Catalog(str(rcat_dir))
+        t0 = time.perf_counter()
+        r = crawl_source(HubSource(endpoint=hub.url, token=None), rcat)
+        out["hub"] = {"models": r.seen, "seconds": time.perf_counter() - t0,
+                      "models_per_s": r.seen / (time.perf_counter() - t0),
+                      "requests": len(hub.traffic.hits) if hasattr(hub.traffic, "hits") else None}
+    # Routing, against the ground truth.
+    gt = {g["repo_id"]: g for g in pq.read_table(lake / "_ground_truth.parquet").to_pylist()}
+    rows = {m["repo_id"]: m for m in cat.read(MODELS).to_pylist()}
+    undeclared = [r for r, g in gt.items() if not g["lineage_declared"] and g["root"]]
+    outsiders = [r for r, g in gt.items() if g["root"] is None]
+    right = sum(rows[r]["tree_id"] == gt[r]["root"] for r in undeclared)
+    forced = sum(rows[r]["tree_id"] is not None for r in outsiders)
+    own, other = [], []
+    for r in undeclared + outsiders:
+        d = json.loads(rows[r]["route_distances"] or "{}")
+        for tree, dist in d.items():
+            if dist is None:
+                continue
+            (own if gt[r]["root"] == tree else other).append(dist)
+    declared = [r for r, g in gt.items() if g["lineage_declared"] and g["root"]]
+    out["lineage"] = {"declared": len(declared),
+                      "declared_in_true_tree": sum(rows[r]["tree_id"] == gt[r]["root"] for r in declared)}
+    out["routing"] = {"undeclared": len(undeclared), "routed_correctly": right,
+                      "accuracy": right / len(undeclared) if undeclared else None,
+                      "outsiders": len(outsiders), "outsiders_forced_into_a_tree": forced,
+                      "max_in_tree_distance": max(own) if own else None,
+                      "min_other_tree_distance": min(other) if other else None}
+    save("crawl", out)
+
+
+def _extract_once(s, workers: int) -> dict:
+    from tasks.pipeline import extract_step
+
+    shutil.rmtree(s.shards, ignore_errors=True)
+    from dataclasses import replace
+
+    return extract_step(replace(s, dask_workers=workers), mode="candidates")
+
+
+def bench_extract() -> None:
+    from tasks.pipeline import crawl_step
+
+    s = fresh_home("extract")
+    crawl_step(s, str(s.lake))
+    one = _extract_once(s, 1)
+    two = _extract_once(s, 2)
+    out = {"one_worker": _strip(one), "two_workers": _strip(two),
+           "speedup_2_over_1": one["seconds"] / two["seconds"],
+           "read_over_needed": two["bytes_read"] / two["bytes_needed"],
+           "bound_holds": two["bytes_read"] <= 1.1 * two["bytes_needed"] + 64 * 1024 * two["models"]}
+    out["http"] = _extract_http(s)
+    out["peak_memory"] = _peak_memory()
+    save("extract", out)
+
+
+def _strip(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in ("layers",)} | {"quarantined": [q["repo_id"] for q in doc["quarantined"]]}
+
+
+def _extract_http(s) -> dict:
+    """The same extraction through the Hub test server: bytes_read vs the server's own counter."""
+    from hubserver import HubServer
+    from storage.catalog import MODELS, Catalog
+    from storage.repos import location
+    from storage.sources import HubSource
+    from tasks.extract import jobs_for_tree, run_extraction
+    from tasks.pipeline import _candidate_shapes
+
+    with HubServer(s.lake, page_size=100) as hub:
+        src = HubSource(endpoint=hub.url, token=None)
+        home = BENCH / "extract-http"
+        shutil.rmtree(home, ignore_errors=True)
+        cat = Catalog(str(home / "catalog"))
+        from tasks.crawl import crawl_source
+
+        crawl_source(src, cat)
+        models = [m for m in cat.read(MODELS).to_pylist() if m["status"] != "superseded"]
+        jobs = []
+        for t in cat.read("trees").to_pylist():
+            shapes = _candidate_shapes(cat, src, models, t)
+            jobs += jobs_for_tree(src, models, t["tree_id"], shapes, str(home / "shards"))
+        served_before = hub.traffic.total_bytes()
+        summary = run_extraction(jobs, n_workers=2).to_dict()
+        served = hub.traffic.total_bytes() - served_before
+    return {"models": summary["models"], "bytes_read": summary["bytes_read"], "bytes_needed": summary["bytes_needed"],
+            "bytes_in_files": summary["bytes_in_files"], "server_bytes_served": served,
+            "read_over_needed": summary["bytes_read"] / summary["bytes_needed"],
+            "bound_holds": summary["bytes_read"] <= 1.1 * summary["bytes_needed"] + 64 * 1024 * summary["models"],
+            "seconds": summary["seconds"]}
+
+
+def _peak_memory() -> dict:
+    """Peak RSS of a process extracting one 1024x1024 tensor from a 4 GiB sparse safetensors file."""
+    code = r"""
+import json, os, resource, struct, sys, tempfile
+import numpy as np
+d = tempfile.mkdtemp(); p = os.path.join(d, "model.safetensors")
+big = 4 * 2**30; small = np.random.rand(1024, 1024).astype(np.float32)
+hdr = {"filler": {"dtype": "F32", "shape": [big // 4], "data_offsets": [0, big]},
+       "layer.weight": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [big, big + small.nbytes]}}
+h = json.dumps(hdr).encode(); h += b" " * (-len(h) % 8)
+with open(p, "wb") as f:
+    f.write(struct.pack("<Q", len(h))); f.write(h); f.seek(8 + len(h) + big); f.write(small.tobytes())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from storage.extract import ExtractJob, RepoLocation, extract_model
+job = ExtractJob(RepoLocation("x/y", "0" * 40, local_dir=d), "x/root", ("model.safetensors",),
+                 ("layer.weight",), os.path.join(d, "shards"))
+r = extract_model(job)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"file_bytes": os.path.getsize(p), "tensor_bytes": small.nbytes, "status": r.status,
+                  "bytes_read": r.bytes_read, "rss_before_mb": before / 1024, "peak_rss_mb": after / 1024}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    doc["limit_mb"] = doc["tensor_bytes"] * 4 / 2**20 + 300
+    doc["growth_mb"] = doc["peak_rss_mb"] - doc["rss_before_mb"]
+    return doc
+
+
+def bench_train() -> None:
+    from tasks.pipeline import crawl_step, embed_step, eval_step, extract_step, train_step
+
+    s = fresh_home("train")
+    crawl_step(s, str(s.lake))
+    extract_step(s, mode="candidates")
+    trained = train_step(s, strategies=("sweep", "fast"))
+    embed_step(s)
+    evaluated = eval_step(s)
+    save("train", {"train": trained, "eval": evaluated})
+
+
+def bench_query() -> None:
+    import pyarrow.parquet as pq
+
+    from storage.query import CatalogQuery
+    from tasks.evaluate import retrieval
+
+    home = BENCH / "train"  # the catalog bench_train built
+    q = CatalogQuery(str(home / "catalog"), str(home / "experts"))
+    gt = {g["repo_id"]: g for g in pq.read_table(home / "lake" / "_ground_truth.parquet").to_pylist()}
+    holdout = sorted({c for g in gt.values() if g["split"] == "holdout" for c in g["classes"]})
+    trained = sorted({c for g in gt.values() if g["split"] in ("train", "val", "test") and g["root"]
+                      for c in g["classes"]})
+    out = {"holdout": retrieval(q, gt, holdout), "training": retrieval(q, gt, trained)}
+    out["latency"] = _latency()
+    save("query", out)
+
+
+def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
+    """search() at scale: synthetic rows in one tree beside the real experts' trees."""
+    import numpy as np
+
+    from storage.query import CatalogQuery
+    from tasks.embed import ensure_indexes
+
+    src = BENCH / "train"
+    home = BENCH / "latency"
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(src / "catalog", home / "catalog")
+    q = CatalogQuery(str(home / "catalog"), str(src / "experts"))
+    tree = next(t for t in q.trees().values() if t.head == "text")
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    import pyarrow as pa
+
+    table = q.catalog.table("embeddings")
+    k = len(tree.labels)
+    batch = pa.table({
+        "repo_id": [f"synthetic/m{i}" for i in range(n)], "sha": ["0" * 40] * n,
+        "expert_version": [tree.version] * n, "tree_id": [tree.tree_id] * n,
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
+        "top_labels": [[tree.labels[0]]] * n, "top_scores": [[0.5]] * n,
+        "label_scores": [[1.0 / k] * k] * n, "task": ["zeroshot"] * n,
+    }, schema=table.schema)
+    table.add(batch)
+    t0 = time.perf_counter()
+    ensure_indexes(table)
+    index_s = time.perf_counter() - t0
+    q._table = None
+    q.search("warm up", k=10)
+    total, vector = [], []
+    words = ["bird", "dog", "vehicle", "fruit", "tool", "fish", "tree", "music", "disease", "building"]
+    for i in range(runs):
+        t0 = time.perf_counter()
+        q.search(words[i % len(words)], k=10)
+        total.append(time.perf_counter() - t0)
+        qv = vecs[i]
+        t0 = time.perf_counter()
+        q.table.search(qv, vector_column_name="vector").distance_type("cosine").where(
+            f"tree_id = '{tree.tree_id}'", prefilter=True).limit(10).to_list()
+        vector.append(time.perf_counter() - t0)
+    return {"rows": q.table.count_rows(), "index_build_s": index_s,
+            "search_p50_ms": 1000 * float(np.median(total)), "search_p95_ms": 1000 * float(np.percentile(total, 95)),
+            "vector_p50_ms": 1000 * float(np.median(vector)), "vector_p95_ms": 1000 * float(np.percentile(vector, 95))}
+
+
+SECTIONS = {"lake": None, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+            "query": bench_query}
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def render() -> None:
+    import report_render
+
+    REPORT.write_text(report_render.render(STORE))
+    print(f"[bench] wrote {REPORT}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all but lake)")
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="lake sizes for the lake section")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    if not args.render_only:
+        for name in args.sections or [s for s in SECTIONS if s != "lake"]:
+            if name == "lake":
+                bench_lake(args.sizes)
+            else:
+                SECTIONS[name]()
+    render()
+
+
+if __name__ == "__main__":
+    main()
