@@ -31,13 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probex_core.errors import ProbexError
+
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 _PACKAGED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 DEFAULT_PROMPT = "{}"
 PAPER_PROMPT = "a photo of a {}"
 
 
-class TextEncoderError(RuntimeError):
+class TextEncoderError(ProbexError):
     """The text encoder cannot be found offline or loaded."""
 
 

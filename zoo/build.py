@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 
 from probex_core.splits import is_val
 from zoo import fashion_mnist, hub_repo, wordnet
-from zoo.fashion_mnist import ZooDataError, ZooError
+from zoo.types import ZooError
 from zoo.hub_repo import RepoSpec
 from zoo.types import TrainedChild
 
@@ -255,11 +255,7 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
 
 
 def _class_pool(spec: SizeSpec, seed: int) -> list[wordnet.WordClass]:
-    n = spec.l3_pool + spec.l6_classes + spec.l6_holdout_classes
-    try:
-        return wordnet.load_class_pool(n, seed)
-    except wordnet.ZooDataError as e:  # the text half's own error type: make it a ZooError
-        raise ZooDataError(str(e)) from None
+    return wordnet.load_class_pool(spec.l3_pool + spec.l6_classes + spec.l6_holdout_classes, seed)
 
 
 # ----------------------------------------------------------------------------------- building

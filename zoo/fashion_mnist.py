@@ -13,20 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from probex_core.errors import ProbexError
+from zoo.types import ZooDataError, ZooError  # noqa: F401  (re-exported for callers)
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DATASET_ID = "fashion_mnist"  # the Hub's dataset id, for model cards
-
-
-class ZooError(ProbexError):
-    """The lake cannot be built as asked; the message says what to do."""
-
-
-class ZooDataError(ZooError):
-    """A data file the lake builder needs is missing; the message says how to install it."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
 
-from zoo.wordnet import ZooDataError
+from zoo.types import ZooDataError
 
 L6 = "all-MiniLM-L6-v2"
 L3 = "paraphrase-MiniLM-L3-v2"

@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probex_core.errors import ProbexError
+
+
+class ZooError(ProbexError):
+    """The lake cannot be built as asked; the message says what to do."""
+
+
+class ZooDataError(ZooError):
+    """A data file or package the lake builder needs is missing; the message says how to install it."""
+
 
 @dataclass
 class TrainedChild:

@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.types import ZooDataError
+
 WORDNET_DIR = Path("/usr/share/wordnet")
 HYPONYM_POINTERS = {"~", "~i"}  # hyponym, instance hyponym (e.g. "city" -> "Paris")
 # Lexicographer files whose synsets make readable classes: things, beings, places, acts, diseases.
@@ -33,9 +35,6 @@ CLASS_LEX_FILES = {
 # "amphibian genus", "fungus family": their examples are Latin taxon names, not a concept
 TAXON_WORDS = ("genus", "family", "order", "phylum")
 
-
-class ZooDataError(RuntimeError):
-    """A data file the lake builder needs is missing; the message says how to install it."""
 
 
 @dataclass(frozen=True)
