@@ -115,7 +115,7 @@ class CatalogQuery:
         return self._trees
 
     def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
-        return torch.as_tensor(self.encoder.encode(texts, prompt=prompt or "{}"))
+        return torch.as_tensor(self.encoder.encode(texts, prompt=prompt or "{}"), dtype=torch.float32)
 
     def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
         if not repo_ids:
@@ -168,18 +168,18 @@ class CatalogQuery:
         if t.head == "text":
             with torch.no_grad():
                 qv = t.expert.model.embed_text(q)[0]  # (r_T,)
-                keep = (torch.as_tensor(self._class_text(t)) @ q[0]) < SAME_AS_QUERY
+                keep = (torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]) < SAME_AS_QUERY
                 competitors = t.label_vecs[keep]
             rows = (self.table.search(qv.numpy(), vector_column_name="vector").distance_type("cosine")
                     .where(filt, prefilter=True).limit(CANDIDATES_PER_TREE).to_list())
             if not rows:
                 return pd.DataFrame(columns=cols + ["score"])
-            E = torch.as_tensor(np.stack([r["vector"] for r in rows]))  # (n, r_T), unit rows
+            E = torch.as_tensor(np.stack([r["vector"] for r in rows]), dtype=torch.float32)  # (n, r_T)
             scale = float(t.expert.model.out.logit_scale)
             logits = scale * E @ torch.cat([qv[None], competitors]).T  # (n, 1 + k')
             score = torch.softmax(logits, dim=-1)[:, 0].numpy()
         else:
-            sims = torch.as_tensor(self._class_text(t)) @ q[0]  # (C,)
+            sims = torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]  # (C,)
             best = int(sims.argmax())
             if float(sims[best]) < MATCH_MIN:
                 return pd.DataFrame(columns=cols + ["score"])
@@ -215,7 +215,7 @@ class CatalogQuery:
                 scores = torch.softmax(logits, dim=0).numpy()
             matched = [None] * len(labels)
         else:
-            sims = q @ torch.as_tensor(self._class_text(t)).T  # (L, C)
+            sims = q @ torch.as_tensor(self._class_text(t), dtype=torch.float32).T  # (L, C)
             best = sims.argmax(dim=1).numpy()
             scores = np.array([row["label_scores"][j] if sims[i, j] >= MATCH_MIN else 0.0
                                for i, j in enumerate(best)], np.float32)

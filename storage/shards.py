@@ -151,4 +151,5 @@ def _values(column: pa.ListArray, i: int) -> np.ndarray | None:
     if column[i].values is None:
         return None
     start, end = column.offsets[i].as_py(), column.offsets[i + 1].as_py()
-    return column.values.slice(start, end - start).to_numpy(zero_copy_only=False)
+    # A writable copy: torch refuses to wrap Arrow's read-only buffers without a warning.
+    return column.values.slice(start, end - start).to_numpy(zero_copy_only=False).copy()

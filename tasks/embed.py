@@ -44,6 +44,8 @@ def embeddings_schema(dim: int) -> pa.Schema:
 class EmbedReport:
     trees: dict[str, dict] = field(default_factory=dict)  # tree -> {version, models, new, changed}
     skipped: dict[str, str] = field(default_factory=dict)  # tree -> why
+    new: int = 0  # rows written for the first time
+    changed: int = 0  # rows whose vector or labels changed
     tag: str | None = None
     indexed: bool = False
 
@@ -106,8 +108,7 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     dim = len(all_rows[0]["vector"])
     before = catalog.versions(EMBEDDINGS) if catalog.has(EMBEDDINGS) else None
     res = catalog.upsert(EMBEDDINGS, all_rows, EMBEDDING_KEY, embeddings_schema(dim))
-    for t in report.trees.values():
-        t.update(new=res.new, changed=res.changed)
+    report.new, report.changed = res.new, res.changed
     table = catalog.table(EMBEDDINGS)
     report.indexed = ensure_indexes(table)
     if table.version != before:
@@ -130,7 +131,7 @@ def ensure_indexes(table) -> bool:
         dim = table.schema.field("vector").type.list_size
         table.create_index("vector", config=IvfPq(
             distance_type="cosine",
-            num_partitions=max(1, min(256, int(np.sqrt(n)))),  # ~sqrt(n) lists: balanced probe cost
+            num_partitions=max(1, min(256, n // 4096)),  # k-means needs thousands of rows per list
             num_sub_vectors=dim // 4 if dim % 4 == 0 else None,  # 4 dims per PQ code
         ))
     else:

@@ -64,7 +64,8 @@ def _scores(model, head, test, text_emb, heldout, heldout_emb) -> dict:
             out.update(top1=m["top1"], top5=m.get("top5"))
     if heldout is not None and head == "text":
         z = evaluate_zeroshot(model, heldout, heldout_emb)
-        out.update(zeroshot_top1=z["top1"], zeroshot_top5=z["top5"], n_zeroshot_classes=len(heldout.classes))
+        out.update(zeroshot_top1=z["zeroshot_top1"], zeroshot_top5=z["zeroshot_top5"],
+                   n_zeroshot_classes=z["n_zeroshot_classes"])
     return out
 
 
