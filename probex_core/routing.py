@@ -55,11 +55,21 @@ class RouteDecision:
     reason: str
 
 
+# Classifier heads change shape with the label count (and are trivially readable): never used to
+# compare weights, nor probed.
+HEAD_NAMES = ("_fc.", "classifier.", "lm_head.", "score.", "head.", "pooler.")
+
+
+def is_head(name: str) -> bool:
+    return any(name.startswith(h) or f".{h}" in name for h in HEAD_NAMES)
+
+
 def fingerprint_names(root_shapes: dict[str, tuple[int, ...]], k: int = 3,
                       max_numel: int = 1 << 20) -> list[str]:
-    """Which root tensors to compare: k matrices (ndim >= 2) spread from first to last by name,
-    small enough to read cheaply."""
-    names = sorted(n for n, s in root_shapes.items() if len(s) >= 2 and math.prod(s) <= max_numel)
+    """Which root tensors to compare: k matrices (ndim >= 2, heads excluded) spread from first to
+    last by name, small enough to read cheaply."""
+    names = sorted(n for n, s in root_shapes.items()
+                   if len(s) >= 2 and math.prod(s) <= max_numel and not is_head(n))
     if len(names) <= k:
         return names
     picks = np.linspace(0, len(names) - 1, k).round().astype(int)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from probex_core.routing import is_head
 from storage.adapters import lora_modules, parse_adapter_config, read_lora_factors
 from storage.safetensors_reader import (
     ByteSource,
@@ -181,14 +182,6 @@ def extract_model(job: ExtractJob) -> ExtractResult:
 
 
 # --- which layers a tree offers ------------------------------------------------------------
-
-HEAD_NAMES = ("_fc.", "classifier.", "lm_head.", "score.", "head.", "pooler.")
-
-
-def is_head(name: str) -> bool:
-    """Classifier heads are trivially readable and change shape with the label count: never probe them."""
-    return any(name.startswith(h) or f".{h}" in name for h in HEAD_NAMES)
-
 
 def header_shapes(loc: RepoLocation, files: tuple[str, ...]) -> tuple[dict[str, tuple[int, ...]], int]:
     """name -> shape of every tensor in the repo's weights file, reading only the header(s)."""

@@ -55,3 +55,12 @@ def test_fingerprint_names_spread_and_skip_vectors():
     names = fingerprint_names(shapes, k=3)
     assert names == ["t00", "t04", "t09"]
     assert "bias" not in names and "huge" not in names
+
+
+def test_heads_are_never_fingerprints():
+    shapes = {"_blocks.0.w": (8, 8), "_conv_head.weight": (16, 8, 1, 1), "_fc.weight": (1000, 16),
+              "classifier.weight": (2, 8), "encoder.pooler.dense.weight": (8, 8)}
+    names = fingerprint_names(shapes, k=5)
+    assert "_fc.weight" not in names and "classifier.weight" not in names
+    assert "encoder.pooler.dense.weight" not in names
+    assert "_conv_head.weight" in names
