@@ -107,6 +107,8 @@ def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSigna
 
 
 def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Fingerprint:
+    """The model's routing evidence. A corrupt weights file (unreadable header, truncated, NaN/Inf)
+    raises TensorReadError: the caller quarantines the model instead of routing it."""
     fp = Fingerprint(row["repo_id"])
     if is_adapter(row):
         fp.adapter_modules = _parse_signature(row.get("adapter_modules"))
@@ -114,16 +116,10 @@ def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Finger
     if "model.safetensors" not in repo_files(row) and "model.safetensors.index.json" not in repo_files(row):
         return fp
     loc = location(source, row["repo_id"], row["sha"])
-    try:
-        shapes, _ = header_shapes(loc, repo_files(row))
-    except (TensorReadError, OSError):
-        return fp
+    shapes, _ = header_shapes(loc, repo_files(row))
     wanted = {n for s in sigs for n, ref in s.root_tensors.items() if tuple(shapes.get(n, ())) == ref.shape}
     if wanted:
-        try:
-            fp.tensors = read_repo_tensors(loc.open, sorted(wanted), repo_files(row), check=False).tensors
-        except (TensorReadError, OSError):
-            pass
+        fp.tensors = read_repo_tensors(loc.open, sorted(wanted), repo_files(row), check=True).tensors
     return fp
 
 
@@ -201,7 +197,13 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
     if to_route:
         sigs = _tree_signatures(source, current)
         for row in to_route:
-            decision = route(_fingerprint(source, row, sigs), sigs)
+            try:
+                fp = _fingerprint(source, row, sigs)
+            except (TensorReadError, OSError) as e:
+                row["status"] = "quarantined"
+                row["reason"] = f"{getattr(e, 'reason', 'unreadable')}: {getattr(e, 'message', e)}"
+                continue
+            decision = route(fp, sigs)
             row["route_distances"] = json.dumps(
                 {k: (round(v, 6) if math.isfinite(v) else None) for k, v in decision.distances.items()})
             if decision.tree_id is not None:

@@ -82,8 +82,9 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
                    ) -> tuple[LayerDataset, LayerDataset]:
     ids = sorted(r for r in labels.labels if r in rows)
     val_ids = [r for r in ids if is_val(r)]
-    if not val_ids and len(ids) > MIN_LABELLED:
-        # A small tree the hash left without validation models: hold out one, chosen stably.
+    if (not val_ids or len(ids) - len(val_ids) < MIN_LABELLED) and len(ids) > MIN_LABELLED:
+        # A small tree the hash split badly (no validation, or too little left to train on):
+        # hold out exactly one model, chosen stably.
         val_ids = [min(ids, key=lambda r: hashlib.sha256(r.encode()).digest())]
     train_ids = [r for r in ids if r not in set(val_ids)]
     if len(train_ids) < MIN_LABELLED or not val_ids:

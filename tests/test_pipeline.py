@@ -28,7 +28,7 @@ def test_declared_lineage_lands_in_the_true_tree(gt, models):
 
 
 def test_undeclared_models_routed_by_weights_and_outsiders_left_unassigned(gt, models):
-    undeclared = [r for r, g in gt.items() if not g["lineage_declared"] and g["root"]]
+    undeclared = [r for r, g in gt.items() if not g["lineage_declared"] and g["root"] and not g["corrupt"]]
     outsiders = [r for r, g in gt.items() if g["root"] is None]
     assert undeclared and outsiders
     for r in undeclared:
@@ -69,7 +69,10 @@ def test_every_tree_gets_an_expert_from_documented_models(tiny_home):
 def test_embeddings_cover_every_extracted_model(tiny_home, models):
     s, steps = tiny_home
     emb = Catalog(s.catalog).read("embeddings").to_pylist()
-    ok = {r for r, m in models.items() if m["status"] == "ok" and m["tree_id"] and r != m["tree_id"]}
+    with_expert = set(steps["embed"]["trees"])
+    assert with_expert == set(steps["train"]["trees"])
+    ok = {r for r, m in models.items()
+          if m["status"] == "ok" and m["tree_id"] in with_expert and r != m["tree_id"]}
     assert {e["repo_id"] for e in emb} == ok
     for e in emb:
         assert math.isclose(sum(v * v for v in e["vector"]), 1.0, rel_tol=1e-4)
