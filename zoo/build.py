@@ -68,8 +68,8 @@ class SizeSpec:
 
 # Sized by measured per-child cost (one thread per worker, two workers; see the benchmark report).
 SIZES = {
-    # tiny: every tree still trains an expert in tests (two children per L6 training class).
-    "tiny": SizeSpec(image=8, l3=8, l3_pool=10, l6_classes=4, l6_holdout_classes=2, l6=8, l6_holdout=2),
+    # tiny: every tree still trains an expert in tests (three children per L6 training class).
+    "tiny": SizeSpec(image=8, l3=8, l3_pool=10, l6_classes=4, l6_holdout_classes=2, l6=12, l6_holdout=2),
     "small": SizeSpec(image=95, l3=60, l3_pool=10, l6_classes=40, l6_holdout_classes=20, l6=120, l6_holdout=30),
     "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150),
 }
