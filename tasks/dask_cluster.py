@@ -37,3 +37,9 @@ def dask_client(address: str | None, n_workers: int = 2) -> Iterator["distribute
                       dashboard_address=None, silence_logs=logging.WARNING) as cluster:
         with Client(cluster) as client:
             yield client
+
+
+def check_scheduler(address: str) -> None:
+    """Fail fast, naming the setting, when a configured scheduler does not answer."""
+    with dask_client(address):
+        pass

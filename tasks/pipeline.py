@@ -13,6 +13,7 @@ from storage.extract import ExtractJob
 from storage.repos import source_from_name
 from storage.sources import open_source
 from tasks.crawl import crawl_source
+from tasks.dask_cluster import check_scheduler
 from tasks.embed import embed_trees
 from tasks.extract import jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
 from tasks.train import train_tree
@@ -42,6 +43,8 @@ def tree_ids(catalog: Catalog, trees: list[str] | None = None) -> list[str]:
 
 def extract_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
                  mode: str = "auto", on_result=None) -> dict:
+    if settings.dask_address:
+        check_scheduler(settings.dask_address)
     jobs, plans = plan_extraction(settings, trees, layers, mode)
     summary = run_extraction(jobs, dask_address=settings.dask_address, n_workers=settings.dask_workers,
                              on_result=on_result)

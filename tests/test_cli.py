@@ -1,0 +1,104 @@
+"""The CLI as a user meets it: tables or one JSON document, and one-line errors for mistakes."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from probex.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, home=None):
+    argv = list(args) + (["--home", str(home)] if home is not None else [])
+    return runner.invoke(app, argv)
+
+
+def one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text
+    assert text.startswith("error:") and len(text.splitlines()) <= 3  # one sentence, maybe wrapped
+    for w in words:
+        assert w in text, text
+
+
+@pytest.fixture(scope="module")
+def home(tiny_home):
+    return tiny_home[0].home
+
+
+@pytest.fixture(scope="module")
+def labels(tiny_home):
+    from storage.query import CatalogQuery
+
+    q = CatalogQuery.open(home=tiny_home[0].home)
+    text = next(t for t in q.trees().values() if t.head == "text")
+    return text.labels
+
+
+def test_every_command_has_help():
+    for cmd in ["zoo build", "crawl", "trees", "extract", "train", "eval", "embed", "search", "classify",
+                "similar", "ingest", "demo"]:
+        r = runner.invoke(app, cmd.split() + ["--help"])
+        assert r.exit_code == 0 and "--home" in r.output, cmd
+
+
+def test_search_json_is_one_document_with_ranked_models(home, labels):
+    r = run("search", labels[0], "-k", "3", "--json", home=home)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert 0 < len(doc["results"]) <= 3
+    scores = [x["score"] for x in doc["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert {"repo_id", "tree_id", "score", "top_labels"} <= set(doc["results"][0])
+
+
+def test_classify_and_similar(home, labels, tiny_home):
+    s, _ = tiny_home
+    from storage.catalog import Catalog
+
+    rows = Catalog(s.catalog).read("embeddings").to_pylist()
+    repo = next(r["repo_id"] for r in rows if r["task"] == "zeroshot")  # a text-head tree's model
+    r = run("classify", repo, "--labels", ",".join(labels[:3]), "--json", home=home)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["results"]
+    assert [x["label"] for x in res if x["label"] in labels[:3]] and len(res) == 3
+    assert abs(sum(x["score"] for x in res) - 1) < 1e-3  # a distribution over the given labels
+    r = run("similar", repo, "-k", "2", "--json", home=home)
+    assert r.exit_code == 0, r.output
+    assert all(x["repo_id"] != repo for x in json.loads(r.stdout)["results"])
+
+
+def test_trees_lists_counts(home):
+    r = run("trees", "--json", home=home)
+    doc = json.loads(r.stdout)
+    assert len(doc["trees"]) == 3 and all(t["n_models"] > 0 and t["expert_version"] for t in doc["trees"])
+
+
+def test_user_mistakes_are_one_line(home, labels, tmp_path):
+    one_line_error(run("search", "  ", home=home), "empty")
+    one_line_error(run("classify", "nobody/nothing", "--labels", "a,b", home=home), "not in the catalog")
+    one_line_error(run("classify", "nobody/nothing", "--labels", "dog", home=home), "two")
+    one_line_error(run("search", "dog", "--tree", "no/such-tree", home=home), "no tree")
+    one_line_error(run("search", "dog", home=tmp_path / "empty"), "no catalog")
+    one_line_error(run("zoo", "build", "--size", "huge", "--out", str(tmp_path / "x")), "size")
+    one_line_error(run("zoo", "build", "--size", "tiny", "--out", "/proc/probex-lake"), "--out")
+    one_line_error(run("crawl", "--source", str(tmp_path / "missing"), home=tmp_path), "does not exist")
+    one_line_error(run("crawl", "--since", "yesterday-ish", home=home), "--since")
+    one_line_error(run("extract", "--dask-address", "tcp://127.0.0.1:9", home=home), "PROBEX_DASK_ADDRESS")
+
+
+def test_read_only_catalog_names_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBEX_CATALOG", "/proc/probex-catalog")
+    one_line_error(run("crawl", "--source", str(tmp_path), home=tmp_path), "PROBEX_CATALOG")
+
+
+def test_tree_without_expert_is_a_typed_error(tiny_home, tmp_path):
+    from storage.query import CatalogQuery, NoExpertError
+
+    s, _ = tiny_home
+    q = CatalogQuery(s.catalog, str(tmp_path / "no-experts"))
+    with pytest.raises(NoExpertError):
+        q.search("dog", tree="efficientnet/efficientnet-lite0")
