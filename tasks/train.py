@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from probex_core.checkpoint import current_version, load_expert, save_expert, tree_slug
@@ -78,14 +79,25 @@ def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict
     return out
 
 
+def validation_ids(ids: list[str], labels: TreeLabels) -> list[str]:
+    """`is_val` picks validation models; a text-head model whose class no training model shares
+    cannot be validated and stays in training. A small tree the hash split badly (no validation,
+    or too little left to train on) holds out exactly one model, chosen stably."""
+    val = [r for r in ids if is_val(r)]
+    if labels.task == "text":
+        in_train = Counter(labels.labels[r] for r in ids if r not in set(val))
+        val = [r for r in val if in_train[labels.labels[r]] > 0]
+    if (not val or len(ids) - len(val) < MIN_LABELLED) and len(ids) > MIN_LABELLED:
+        per_class = Counter(labels.labels[r] for r in ids) if labels.task == "text" else None
+        pool = [r for r in ids if per_class is None or per_class[labels.labels[r]] > 1]
+        val = [min(pool, key=lambda r: hashlib.sha256(r.encode()).digest())] if pool else []
+    return val
+
+
 def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str, layer: str
                    ) -> tuple[LayerDataset, LayerDataset]:
     ids = sorted(r for r in labels.labels if r in rows)
-    val_ids = [r for r in ids if is_val(r)]
-    if (not val_ids or len(ids) - len(val_ids) < MIN_LABELLED) and len(ids) > MIN_LABELLED:
-        # A small tree the hash split badly (no validation, or too little left to train on):
-        # hold out exactly one model, chosen stably.
-        val_ids = [min(ids, key=lambda r: hashlib.sha256(r.encode()).digest())]
+    val_ids = validation_ids(ids, labels)
     train_ids = [r for r in ids if r not in set(val_ids)]
     if len(train_ids) < MIN_LABELLED or not val_ids:
         raise NoExpertError(f"{len(train_ids)} labelled training and {len(val_ids)} validation models "
