@@ -1,0 +1,174 @@
+"""Render docs/benchmarks.md from the stored measurements in docs/bench/*.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _load(store: Path, name: str) -> dict | None:
+    p = store / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _machine(doc: dict) -> str:
+    m = doc.get("machine", {})
+    return f"_Measured {m.get('date')} on {m.get('cores')} cores ({m.get('cpu')}), GPU: {m.get('gpu')}._"
+
+
+def _table(cols: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_f(v) for v in r) + " |" for r in rows]
+    return out
+
+
+def lake(doc: dict) -> list[str]:
+    lines = ["## Lake builds (issue 2)", _machine(doc), "",
+             "Target: `tiny` < 60 s, `small` >= 300 fine-tuned models < 10 min, `full` >= 1,500.", ""]
+    rows = []
+    for size in ("tiny", "small", "full"):
+        if size in doc:
+            d = doc[size]
+            rows.append([size, d["n_models"], d.get("n_finetuned"), d["seconds"], d["bytes_on_disk"] / 2**20,
+                         d.get("measured")])
+    lines += _table(["size", "repos", "fine-tuned", "build s", "disk MiB", "measured"], rows)
+    lines += ["", "Child task accuracy on held-out data, per tree:", ""]
+    rows = []
+    for size in ("tiny", "small", "full"):
+        for t in doc.get(size, {}).get("trees", []):
+            rows.append([size, t["root"], t["kind"], t["task"], t["n_models"], t["mean_accuracy"], t["min_accuracy"],
+                         t.get("n_classes"), t.get("n_holdout_classes")])
+    lines += _table(["size", "tree", "fine-tune", "task", "children", "mean acc", "min acc", "classes",
+                     "held-out classes"], rows)
+    return lines
+
+
+def crawl(doc: dict) -> list[str]:
+    lo, hub, r, lin = doc["local"], doc["hub"], doc["routing"], doc["lineage"]
+    lines = ["## Crawl and routing (issue 3, `small` lake)", _machine(doc), ""]
+    lines += _table(["source", "models", "seconds", "models/s"],
+                    [["LocalSource", lo["models"], lo["seconds"], lo["models_per_s"]],
+                     ["HubSource via the loopback test server", hub["models"], hub["seconds"], hub["models_per_s"]]])
+    lines += ["", f"Second crawl of the same folder: {_f(lo['second_run_seconds'])} s "
+                  f"({_f(lo['second_over_first'])} of the first run; target < 0.2), "
+                  f"{lo['second_run_new_changed']} rows new or changed (target 0).", "",
+              f"Declared lineage in its true tree: {lin['declared_in_true_tree']}/{lin['declared']} (target 100%).", "",
+              f"Routing by weights: {r['routed_correctly']}/{r['undeclared']} undeclared models in their true tree "
+              f"(accuracy {_f(r['accuracy'])}; target >= 0.99); {r['outsiders_forced_into_a_tree']} of "
+              f"{r['outsiders']} models from outside every tree forced into one (target 0).", "",
+              f"Margin: the largest distance of a model to its own tree was {_f(r['max_in_tree_distance'])}, the "
+              f"smallest to another tree {_f(r['min_other_tree_distance'])} (the router assigns at <= 0.5 with a "
+              "0.25 gap to the runner-up)."]
+    return lines
+
+
+def extract(doc: dict) -> list[str]:
+    one, two, http, mem = doc["one_worker"], doc["two_workers"], doc["http"], doc["peak_memory"]
+    lines = ["## Extraction (issue 4, `small` lake, every candidate layer)", _machine(doc), ""]
+    rows = [[name, d["models"], d["tensors"], d["seconds"], d["models_per_s"], d["mb_per_s"],
+             d["bytes_read"] / d["bytes_needed"], d["bytes_ratio"]] for name, d in (("1 worker", one), ("2 workers", two))]
+    lines += _table(["local, Dask", "models", "tensors", "seconds", "models/s", "MB/s", "read / needed",
+                     "read / in files"], rows)
+    lines += ["", f"Speed-up 2 workers over 1, same run: **{_f(doc['speedup_2_over_1'], 2)}x** (target >= 1.6).", "",
+              f"Bound `bytes_read <= 1.1 * bytes_needed + 64 KiB per file`: local {_f(doc['bound_holds'])}, "
+              f"HTTP {_f(http['bound_holds'])}.", "",
+              f"Through the HTTP test server: read {http['bytes_read']} bytes, the server counted "
+              f"{http['server_bytes_served']} bytes served (read / needed {_f(http['read_over_needed'], 5)}, "
+              f"{http['models']} models in {_f(http['seconds'], 1)} s).", "",
+              f"Peak memory: extracting one {mem['tensor_bytes'] / 2**20:.0f} MiB tensor from a "
+              f"{mem['file_bytes'] / 2**30:.1f} GiB sparse file: peak RSS {_f(mem['peak_rss_mb'], 1)} MB "
+              f"(growth during the read {_f(mem['growth_mb'], 1)} MB; limit tensor x 4 + 300 = "
+              f"{_f(mem['limit_mb'], 0)} MB), bytes read {mem['bytes_read']}."]
+    return lines
+
+
+def train(doc: dict) -> list[str]:
+    ev, tr = doc["eval"], doc["train"]
+    lines = ["## Experts (issue 5, `small` lake)", _machine(doc), "",
+             "Test split = the tree's undocumented test models; zero-shot = models of held-out classes, "
+             "scored only against the held-out class names. Multi-label accuracy is over every "
+             "(model, class) entry at 0.5.", ""]
+    rows = []
+    for t, r in ev["trees"].items():
+        if "skipped" in r:
+            continue
+        for m in ("probex", "dense", "statnn"):
+            d = r.get(m) or {}
+            rows.append([t, r["task"], r["layer"], m, r["n_train"], r["n_val"], r["n_test"], d.get("accuracy"),
+                         d.get("map"), d.get("top1"), d.get("zeroshot_top1"), d.get("zeroshot_top5"),
+                         d.get("n_zeroshot_classes"), d.get("params"), d.get("train_seconds")])
+    lines += _table(["tree", "task", "layer", "method", "train", "val", "test", "accuracy", "mAP", "top1",
+                     "zs top1", "zs top5", "zs classes", "params", "train s"], rows)
+    ct = ev.get("cross_tree")
+    if ct:
+        lines += ["", f"### One model across trees vs one expert per tree ({ct['model']}, "
+                      f"{ct['n_union_classes']} classes in the union)", ""]
+        lines += _table(["tree", "single model acc", "single mAP", "per-tree expert acc", "expert mAP"],
+                        [[t, v["single"]["accuracy"], v["single"]["map"], v["expert"]["accuracy"],
+                          v["expert"]["map"]] for t, v in ct["trees"].items()])
+    lines += ["", "### Layer choice: the paper's sweep vs short runs + full runs on the top 2", ""]
+    rows = []
+    for t, r in tr["trees"].items():
+        lc = r.get("layer_choice") or {}
+        sw, fa = lc.get("sweep", {}), lc.get("fast", {})
+        rows.append([t, sw.get("layer"), sw.get("seconds"), fa.get("layer"), fa.get("seconds"),
+                     r.get("train_seconds")])
+    lines += _table(["tree", "sweep's layer", "sweep s", "fast layer", "fast s", "all runs s"], rows)
+    return lines
+
+
+def query(doc: dict) -> list[str]:
+    h, t, lat = doc["holdout"], doc["training"], doc["latency"]
+    lines = ["## Search (issue 6, `small` lake)", _machine(doc), "",
+             "Each class name is the query, over all trees; a hit is a model trained on that class.", ""]
+    lines += _table(["classes", "n", "hit rate@5", "precision@5", "mAP", "target hit rate@5"],
+                    [["held-out (zero-shot)", h["n_classes"], h["hit_rate@5"], h["precision@5"], h["map"], ">= 0.60"],
+                     ["training", t["n_classes"], t["hit_rate@5"], t["precision@5"], t["map"], ">= 0.90"]])
+    lines += ["", f"Latency at {lat['rows']} rows (synthetic rows in one tree beside the real ones), IVF_PQ index "
+                  f"built in {_f(lat['index_build_s'], 1)} s:", ""]
+    lines += _table(["measure", "p50 ms", "p95 ms", "target p50"],
+                    [["search() (encode + per-tree search + merge)", lat["search_p50_ms"], lat["search_p95_ms"], "< 50"],
+                     ["vector search alone", lat["vector_p50_ms"], lat["vector_p95_ms"], "< 10"]])
+    return lines
+
+
+def demo(doc: dict) -> list[str]:
+    lines = ["## Demo (issue 7)", _machine(doc), ""]
+    lines += _table(["stage", "seconds"], [[k, v] for k, v in doc["stages"].items()])
+    for k in ("wall_seconds", "second_ingest_seconds", "fresh_clone_seconds"):
+        if k in doc:
+            lines.append(f"\n{k.replace('_', ' ')}: {_f(doc[k], 1)}")
+    return lines
+
+
+def gpu(doc: dict) -> list[str]:
+    return ["## Training on CUDA", _machine(doc), "", "```", doc.get("log", "").strip(), "```"]
+
+
+SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("query", query),
+            ("demo", demo), ("gpu", gpu)]
+
+
+def render(store: Path) -> str:
+    lines = ["# Benchmarks", "",
+             "Generated by `scripts/benchmark.py` (rerun: `make bench`, or "
+             "`.venv/bin/python scripts/benchmark.py SECTION...`; lake builds: "
+             "`scripts/benchmark.py lake --sizes tiny small`). Numbers are what was measured on the date "
+             "shown; the machines are shared and noisy, so compare ratios measured in one run.", ""]
+    for name, fn in SECTIONS:
+        doc = _load(store, name)
+        if doc is None:
+            lines += [f"## {name}", "", "_Not measured yet._", ""]
+            continue
+        lines += fn(doc) + [""]
+    return "\n".join(lines)
