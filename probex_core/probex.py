@@ -58,6 +58,9 @@ class ProbeXConfig:
     dropout: float = 0.0  # on vec(P), before the encoders
     input_scale: float = 1.0  # divide rows by this (mean Frobenius norm of training rows)
     centered: bool = False  # subtract the mean training matrix first (buffer `input_mean`)
+    # Divide each row by its own Frobenius norm: LoRA updates of one tree differ ~20x in size
+    # (rank, alpha, lr), and the class lives in the update's direction, not its size.
+    row_norm: bool = False
     logit_scale: float = 1 / 0.07  # text head temperature (see module docstring)
     learn_logit_scale: bool = False
 
@@ -148,7 +151,22 @@ class ProbeX(nn.Module):
             pre = Vt @ Z  # (n, r_V, r_U)
         if self.input_mean is not None:
             pre = pre - (Vt @ self.input_mean) @ self.U  # (r_V, r_U), broadcast over n
+        if self.cfg.row_norm:
+            pre = pre / self.row_norms(batch)[:, None, None]
         return F.relu(pre / self.cfg.input_scale)
+
+    def row_norms(self, batch: WeightBatch) -> torch.Tensor:
+        """||X - M||_F per row (n,). LoRA: ||s B A||_F^2 = s^2 sum((B^T B) * (A A^T)), r x r only."""
+        if batch.is_lora and self.input_mean is None:
+            BtB = batch.B.transpose(1, 2) @ batch.B  # (n, r, r)
+            AAt = batch.A @ batch.A.transpose(1, 2)  # (n, r, r)
+            sq = batch.scale ** 2 * (BtB * AAt).sum(dim=(1, 2))
+        else:
+            X = batch.dense() if batch.is_lora else batch.X
+            if self.input_mean is not None:
+                X = X - self.input_mean
+            sq = (X * X).sum(dim=(1, 2))
+        return sq.clamp_min(1e-24).sqrt()
 
     def encode(self, batch: WeightBatch) -> torch.Tensor:
         """The model's representation e (n, r_T); L2-normalised for the text head."""

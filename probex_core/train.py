@@ -44,6 +44,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None: all this process may use
     center: str | bool = "auto"  # subtract the mean training matrix; "auto": for dense rows only
     normalise: bool = True  # divide by the mean Frobenius norm of the training rows
+    row_norm: str | bool = "auto"  # divide each row by its own norm; "auto": for LoRA rows only
     min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
     time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
     verbose: bool = False
@@ -285,8 +286,10 @@ def _eval_inputs(model, inputs, head, t_emb, batch_size: int = 256) -> dict:
 
 def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> ProbeX:
     """Seeded ProbeX with the input normalisation computed on the training rows."""
-    mean, scale = normalisation_stats(train, tcfg.center, tcfg.normalise)
-    cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None)
+    row_norm = train.is_lora if tcfg.row_norm == "auto" else bool(tcfg.row_norm)
+    # Rows divided by their own norm are already unit size: no dataset-wide scale on top.
+    mean, scale = normalisation_stats(train, tcfg.center, tcfg.normalise and not row_norm)
+    cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None, row_norm=row_norm)
     seed_everything(tcfg.seed)
     model = ProbeX(cfg)
     if mean is not None:

@@ -119,3 +119,16 @@ def test_factored_speedup_384_rank8():
     print(f"\nProbeX forward, 64 rows 384x384 rank 8: factored {t_lora * 1e3:.1f} ms, "
           f"dense {t_dense * 1e3:.1f} ms, speed-up {t_dense / t_lora:.1f}x")
     assert t_lora < t_dense
+
+
+def test_row_norm_uses_factors_and_ignores_update_size():
+    torch.manual_seed(0)
+    n, d_H, d_W, r = 4, 12, 10, 3
+    A, B = torch.randn(n, r, d_W), torch.randn(n, d_H, r)
+    scale = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    lora = WeightBatch(A=A, B=B, scale=scale)
+    dense = WeightBatch(X=scale[:, None, None] * (B @ A))
+    model = ProbeX(ProbeXConfig(d_H=d_H, d_W=d_W, r_U=5, r_V=6, r_T=7, n_outputs=3, row_norm=True))
+    assert torch.allclose(model.row_norms(lora), model.row_norms(dense), rtol=1e-4)
+    bigger = WeightBatch(A=A, B=B, scale=scale * 10)  # the same directions, 10x the update
+    assert torch.allclose(model(lora), model(bigger), atol=1e-5)
