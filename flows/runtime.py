@@ -19,8 +19,12 @@ def prefect_api() -> Iterator[str | None]:
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
+    from pathlib import Path
+
     from prefect.server.api.server import SubprocessASGIServer
 
+    # The server keeps its SQLite database in PREFECT_HOME, which must exist before it starts.
+    Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser().mkdir(parents=True, exist_ok=True)
     server = SubprocessASGIServer()
     server.start()
     os.environ["PREFECT_API_URL"] = server.api_url
@@ -28,8 +32,8 @@ def prefect_api() -> Iterator[str | None]:
         yield server.api_url
     finally:
         # Ship buffered run logs while the API still answers, then stop it.
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=10)
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()

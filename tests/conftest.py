@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+
+def pytest_configure(config):
+    """Tests never write to ./.probex or ~/.prefect, and send no telemetry."""
+    state = tempfile.mkdtemp(prefix="probex-tests-")
+    os.environ.setdefault("PROBEX_HOME", os.path.join(state, "home"))
+    os.environ["PREFECT_HOME"] = os.path.join(state, "prefect")
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
+    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one torch thread is fastest (and immune to a busy shared machine)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="session")

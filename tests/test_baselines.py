@@ -13,13 +13,7 @@ from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot
 from test_train import multilabel_split, text_tree
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one torch thread is fastest (and immune to a busy shared machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

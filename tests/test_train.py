@@ -11,13 +11,7 @@ from probex_core.train import (TrainConfig, choose_layer, config_for, embed, eva
                                evaluate_zeroshot, train_expert)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one torch thread is fastest (and immune to a busy shared machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 C = 8  # classes in the multi-label tree; each model is trained on 4 of them (chance 0.5)
