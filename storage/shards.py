@@ -95,6 +95,8 @@ def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[Path]:
     for row in rows:
         path = shard_path(root, row.tree_id, row.layer, row.repo_id, row.sha)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         # Weights barely compress and never repeat: dictionary encoding and statistics on float
         # lists cost ~6x the write time for nothing, and zstd level 1 keeps what compression there is.
