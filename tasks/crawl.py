@@ -213,8 +213,9 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
             else:
                 row["reason"] = f"unassigned: {decision.reason}"
 
-    catalog.upsert_models(superseded + touched)
-    _refresh_trees(catalog)
+    if superseded or touched:  # nothing new: no table is read again or written
+        catalog.upsert_models(superseded + touched)
+        _refresh_trees(catalog)
 
     for row in current.values():
         if row["status"] == "unassigned":
