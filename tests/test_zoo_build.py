@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from probex_core.splits import is_val
 from zoo import hub_repo
-from zoo.build import GROUND_TRUTH, IMAGE_ROOT, L3_ROOT, L6_ROOT, MANIFEST, Mess, build_lake, make_plan
+from zoo.build import GROUND_TRUTH, IMAGE_ROOT, L3_ROOT, L6_ROOT, MANIFEST, SIZES, Mess, build_lake, make_plan
 from zoo.fashion_mnist import ZooError
 from zoo.hub_repo import RepoSpec
 
@@ -139,7 +139,7 @@ def test_resume_is_a_fast_no_op(tiny_lake):
     assert pq.read_table(tiny_lake / GROUND_TRUTH).equals(table)
     assert summary.n_models == table.num_rows and summary.bytes_on_disk > 0
     trees = {t.root: t for t in summary.trees}
-    assert trees[L6_ROOT].n_holdout_classes >= 3 and trees[IMAGE_ROOT].kind == "full"
+    assert trees[L6_ROOT].n_holdout_classes == SIZES["tiny"].l6_holdout_classes and trees[IMAGE_ROOT].kind == "full"
     assert summary.to_dict()["trees"][0]["mean_accuracy"] is not None
 
 
