@@ -10,9 +10,8 @@ version).
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -224,6 +223,3 @@ def _differs(old: dict, new: dict, schema: pa.Schema) -> bool:
             return True
     return False
 
-
-def to_json(obj) -> str:
-    return json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, default=str)
