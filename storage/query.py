@@ -72,6 +72,7 @@ class CatalogQuery:
         self._encoder = None
         self._trees: dict[str, _Tree] | None = None
         self._table = None
+        self._class_texts: dict[tuple[str, str], np.ndarray] = {}  # (tree, version) -> (C, text_dim)
 
     @classmethod
     def open(cls, home: str | Path | None = None, **overrides) -> "CatalogQuery":
@@ -193,13 +194,13 @@ class CatalogQuery:
 
     def _class_text(self, t: _Tree) -> np.ndarray:
         """The frozen text embeddings of a tree's label vocabulary (cached per tree)."""
-        key = ("class_text", t.tree_id, t.version)
-        if key not in self.__dict__:
+        key = (t.tree_id, t.version)
+        if key not in self._class_texts:
             if "class_text_emb" in t.expert.extra:
-                self.__dict__[key] = t.expert.extra["class_text_emb"].numpy()
+                self._class_texts[key] = t.expert.extra["class_text_emb"].numpy()
             else:
-                self.__dict__[key] = self.encoder.encode(t.labels, prompt="{}")
-        return self.__dict__[key]
+                self._class_texts[key] = self.encoder.encode(t.labels, prompt="{}")
+        return self._class_texts[key]
 
     def classify(self, repo_id: str, labels: list[str]) -> pd.DataFrame:
         labels = [l.strip() for l in (labels or []) if l and l.strip()]

@@ -8,6 +8,7 @@ only against the held-out classes' texts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -69,19 +70,40 @@ def _scores(model, head, test, text_emb, heldout, heldout_emb) -> dict:
     return out
 
 
-def evaluate_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: dict, encoder,
-                  tcfg: TrainConfig | None = None, baselines: bool = True) -> dict:
+@dataclass
+class TreeSplits:
+    """One tree's current expert and its datasets on the expert's layer, read once and shared by
+    the per-tree evaluation and the cross-tree experiment."""
+
+    expert: object  # LoadedExpert
+    task: str  # "multilabel" | "text"
+    train: LayerDataset
+    val: LayerDataset
+    test: LayerDataset | None
+    heldout: LayerDataset | None
+
+
+def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: dict) -> TreeSplits | None:
     expert = load_current(experts, tree_id)
     if expert is None:
-        return {"skipped": "no expert; run `probex train`"}
+        return None
     layer = expert.config["layer"]
     models = current_models(catalog, tree_id)
     labels = tree_labels(models)
     rows = load_rows(shards, tree_id, layer, models)
     train, val = split_datasets(rows, labels, tree_id, layer)
-    task, head = labels.task, expert.probex_config.head
+    task = labels.task
     test = _eval_set(rows, gt, models, "test", task, tree_id, layer, classes=train.classes)
     heldout = _eval_set(rows, gt, models, "holdout", task, tree_id, layer) if task == "text" else None
+    return TreeSplits(expert, task, train, val, test, heldout)
+
+
+def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None = None,
+                  baselines: bool = True) -> dict:
+    if splits is None:
+        return {"skipped": "no expert; run `probex train`"}
+    expert, train, val, test, heldout = splits.expert, splits.train, splits.val, splits.test, splits.heldout
+    layer, head = expert.config["layer"], expert.probex_config.head
     text_emb = heldout_emb = None
     if head == "text":
         text_emb = torch.as_tensor(encoder.encode_classes(train.classes))
@@ -107,22 +129,10 @@ def evaluate_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, gt:
     return report
 
 
-def cross_tree(catalog: Catalog, shards: str, experts: str, tree_ids: list[str], gt: dict,
-               tcfg: TrainConfig | None = None) -> dict | None:
+def cross_tree(splits: dict[str, TreeSplits | None], tcfg: TrainConfig | None = None) -> dict | None:
     """One model over every multi-label tree vs. one expert per tree (the paper's key claim)."""
-    trees = {}
-    for tree_id in tree_ids:
-        expert = load_current(experts, tree_id)
-        if expert is None or expert.probex_config.head != "multilabel":
-            continue
-        layer = expert.config["layer"]
-        models = current_models(catalog, tree_id)
-        labels = tree_labels(models)
-        rows = load_rows(shards, tree_id, layer, models)
-        train, val = split_datasets(rows, labels, tree_id, layer)
-        test = _eval_set(rows, gt, models, "test", "multilabel", tree_id, layer, classes=train.classes)
-        if test is not None:
-            trees[tree_id] = (train, val, test)
+    trees = {t: (sp.train, sp.val, sp.test) for t, sp in splits.items()
+             if sp is not None and sp.expert.probex_config.head == "multilabel" and sp.test is not None}
     if len(trees) < 2:
         return None
     return cross_tree_experiment(trees, tcfg or TrainConfig(threads=1),

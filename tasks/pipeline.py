@@ -130,14 +130,14 @@ def embed_step(settings: Settings, trees: list[str] | None = None) -> dict:
 def eval_step(settings: Settings, trees: list[str] | None = None, lake: str | None = None,
               baselines: bool = True, cross: bool = True) -> dict:
     from probex_core.text_encoder import TextEncoder
-    from tasks.evaluate import cross_tree, evaluate_tree, load_ground_truth
+    from tasks.evaluate import cross_tree, evaluate_tree, load_ground_truth, tree_splits
 
     catalog = catalog_for(settings, create=False)
     gt = load_ground_truth(lake or settings.lake)
     encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
-    ids = tree_ids(catalog, trees)
-    doc = {"trees": {t: evaluate_tree(catalog, settings.shards, str(settings.experts), t, gt, encoder,
-                                      baselines=baselines) for t in ids}}
+    splits = {t: tree_splits(catalog, settings.shards, str(settings.experts), t, gt)
+              for t in tree_ids(catalog, trees)}
+    doc = {"trees": {t: evaluate_tree(sp, encoder, baselines=baselines) for t, sp in splits.items()}}
     if cross:
-        doc["cross_tree"] = cross_tree(catalog, settings.shards, str(settings.experts), ids, gt)
+        doc["cross_tree"] = cross_tree(splits)
     return doc
