@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.common import dask_runner, publish, settings
 from storage.extract import ExtractJob, ExtractResult, extract_model
-from tasks.extract import WORKER_RETRIES, is_done, summarise
+from tasks.extract import WORKER_RETRIES, split_done, summarise
 from tasks.pipeline import catalog_for, crawl_step, embed_step, plan_extraction, record_quarantine
 
 
@@ -54,8 +54,7 @@ def run_extract(home: str | None, mode: str) -> dict:
     s = settings(home)
     t0 = time.perf_counter()
     jobs = plan_task(home, mode)
-    pending = [j for j in jobs if not is_done(j)]
-    results = [extract_model(j) for j in jobs if is_done(j)]  # already on disk: "skipped"
+    results, pending = split_done(jobs)  # already on disk: "skipped"
     if pending:
         results += extract_layers.with_options(task_runner=dask_runner(s))(pending)
     record_quarantine(catalog_for(s), results)

@@ -71,13 +71,19 @@ def is_done(job: ExtractJob) -> bool:
                                     for l in job.layers)
 
 
+def split_done(jobs: list[ExtractJob]) -> tuple[list[ExtractResult], list[ExtractJob]]:
+    """(results for models whose shards are all there, the jobs still to run). Shard names are
+    deterministic, so a model with all its shards needs no worker."""
+    done = [is_done(j) for j in jobs]
+    return ([extract_model(j) for j, d in zip(jobs, done) if d],
+            [j for j, d in zip(jobs, done) if not d])
+
+
 def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n_workers: int = 2,
                    on_result: Callable[[ExtractResult], None] | None = None) -> ExtractSummary:
     """Run `extract_model` for every job on Dask and return the summary."""
     t0 = time.perf_counter()
-    # Models whose shards are all there are done (shard names are deterministic): no worker needed.
-    results = [extract_model(j) for j in jobs if is_done(j)]
-    jobs = [j for j in jobs if not is_done(j)]
+    results, jobs = split_done(jobs)
     if not jobs:
         return summarise(results, time.perf_counter() - t0, 0)
     from distributed import as_completed
