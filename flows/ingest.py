@@ -11,8 +11,8 @@ from datetime import datetime
 from prefect import flow, get_run_logger, task
 
 from flows.common import dask_runner, publish, settings
-from storage.extract import ExtractJob, ExtractResult, extract_model
-from tasks.extract import WORKER_RETRIES, split_done, summarise
+from storage.extract import ExtractJob, ExtractResult
+from tasks.extract import extract_on, split_done, summarise, worker_failed
 from tasks.pipeline import catalog_for, crawl_step, embed_step, plan_extraction, record_quarantine
 
 
@@ -27,24 +27,36 @@ def plan_task(home: str | None, mode: str) -> list[ExtractJob]:
     return plan_extraction(settings(home), mode=mode)[0]
 
 
-@task(name="extract-model", retries=WORKER_RETRIES)
-def extract_model_task(job: ExtractJob) -> ExtractResult:
-    return extract_model(job)
+@task(name="extract-tree", retries=1)
+def extract_tree_task(tree_id: str, jobs: list[ExtractJob]) -> list[ExtractResult]:
+    """One Prefect task per tree; inside, one plain Dask task per model on the same cluster."""
+    from distributed import rejoin, secede
+    from prefect_dask import get_dask_client
+
+    with get_dask_client() as client:
+        # Give this task's worker slot back while its models run, else tree tasks holding every
+        # slot would wait forever on model tasks that have none.
+        secede()
+        try:
+            return extract_on(client, jobs)
+        finally:
+            rejoin()
 
 
 @flow(name="extract-layers")
 def extract_layers(jobs: list[ExtractJob]) -> list[ExtractResult]:
-    """One Prefect task per model on the Dask runner; a task that still fails after its retries
-    (e.g. its worker died) is recorded as quarantined, the others land."""
-    futures = extract_model_task.map(jobs)
+    """The trees' extraction tasks run side by side on the Dask runner; a tree task that still fails
+    after its retry quarantines its models as `worker_failed` (read again next run), others land."""
+    by_tree: dict[str, list[ExtractJob]] = {}
+    for job in jobs:
+        by_tree.setdefault(job.tree_id, []).append(job)
+    futures = {tree: extract_tree_task.submit(tree, tree_jobs) for tree, tree_jobs in by_tree.items()}
     out = []
-    for job, fut in zip(jobs, futures):
+    for tree, fut in futures.items():
         try:
-            out.append(fut.result())
-        except Exception as e:  # noqa: BLE001 - any crash of one model is that model's quarantine
-            loc = job.location
-            out.append(ExtractResult(loc.repo_id, loc.sha, job.tree_id, "quarantined",
-                                     f"worker_failed: {type(e).__name__}: {e}"))
+            out += fut.result()
+        except Exception as e:  # noqa: BLE001 - a crashed tree task is its models' quarantine
+            out += [worker_failed(job, e) for job in by_tree[tree]]
     return out
 
 

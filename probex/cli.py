@@ -349,14 +349,25 @@ def similar(
 
 
 # -- flows ----------------------------------------------------------------------------------------
-def run_flow(fn):
-    """Run a Prefect flow against PREFECT_API_URL, or a local API started for this command."""
+def run_flow(load_flow: Callable[[], Callable], **params):
+    """Run a Prefect flow against PREFECT_API_URL, or a local API started for this command.
+    `load_flow` imports the flow (seconds of imports) while the local API starts."""
     from flows.runtime import prefect_api
 
     def go():
-        with prefect_api():
-            return fn()
+        with prefect_api(load_flow) as flow_fn:
+            return flow_fn(**params)
     return run_command(go)
+
+
+def ingest_flow():
+    from flows.ingest import ingest
+    return ingest
+
+
+def demo_flow():
+    from flows.demo import demo
+    return demo
 
 
 @app.command()
@@ -369,11 +380,9 @@ def ingest(
     as_json: bool = JsonOpt,
 ):
     """The nightly job as a Prefect flow: crawl, extract the layers trees need (Dask), embed."""
-    from flows.ingest import ingest as ingest_flow
-
     s = settings_for(home)
-    doc = run_flow(lambda: ingest_flow(source=source, since=parse_date(since, "--since"),
-                                       until=parse_date(until, "--until"), limit=limit, home=str(s.home)))
+    doc = run_flow(ingest_flow, source=source, since=parse_date(since, "--since"),
+                   until=parse_date(until, "--until"), limit=limit, home=str(s.home))
     emit(doc, as_json, lambda d: (render_crawl(d["crawl"]), render_extract(d["extract"])))
 
 
@@ -384,10 +393,8 @@ def demo(
     as_json: bool = JsonOpt,
 ):
     """Build the demo lake if absent, ingest it, train the experts, evaluate, and search."""
-    from flows.demo import demo as demo_flow
-
     s = settings_for(home)
-    doc = run_flow(lambda: demo_flow(size=size, home=str(s.home)))
+    doc = run_flow(demo_flow, size=size, home=str(s.home))
     emit(doc, as_json, render_demo)
 
 

@@ -76,7 +76,6 @@ def apply_runtime_env(settings: Settings) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
         "TOKENIZERS_PARALLELISM": "false",
         # The first start of a local API migrates a fresh SQLite database: slow on 2 busy cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",

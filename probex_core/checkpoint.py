@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -31,23 +30,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import ExpertError
+from .expert_paths import CURRENT, current_version, tree_dir, tree_slug  # noqa: F401 - re-exported
 from .probex import ProbeX, ProbeXConfig
 
 FORMAT = "probex-expert/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-CURRENT = "current"
 EXTRA_PREFIX = "extra."
 
 
 class CheckpointError(ExpertError):
     """A checkpoint folder that is missing, incomplete or corrupt."""
-
-
-def tree_slug(tree_id: str) -> str:
-    """'org/name' -> 'org--name' (as the Hub cache does); other unsafe characters -> '_'."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", tree_id.replace("/", "--")).strip(".")
-    return s or "_"
 
 
 def new_version(now: datetime | None = None) -> str:
@@ -83,14 +76,14 @@ def save_expert(experts_dir: str | os.PathLike, tree_id: str, model: ProbeX, *, 
     extra_tensors: e.g. {"class_text_emb": (k, text_dim)} so the expert can score its classes
     without re-running the text encoder. info: any other JSON-able facts (n_train, seconds, ...).
     Returns the version folder."""
-    tree_dir = Path(experts_dir) / tree_slug(tree_id)
-    tree_dir.mkdir(parents=True, exist_ok=True)
+    folder = tree_dir(experts_dir, tree_id)
+    folder.mkdir(parents=True, exist_ok=True)
     version = version or new_version()
-    final = tree_dir / version
+    final = folder / version
     if final.exists():
         raise CheckpointError(f"version {version} already exists; versions are never overwritten",
                               tree=tree_id, layer=layer)
-    tmp = tree_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    tmp = folder / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -122,7 +115,7 @@ def save_expert(experts_dir: str | os.PathLike, tree_id: str, model: ProbeX, *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if make_current:
-        set_current(tree_dir, version)
+        set_current(folder, version)
     return final
 
 
@@ -134,25 +127,20 @@ def _json_default(o):
     return str(o)
 
 
-def set_current(tree_dir: str | os.PathLike, version: str) -> None:
+def set_current(folder: str | os.PathLike, version: str) -> None:
     """Atomically point `current` at an existing, complete version folder."""
-    tree_dir = Path(tree_dir)
-    if not (tree_dir / version / CONFIG).is_file():
-        raise CheckpointError(f"no complete checkpoint {version} under {tree_dir}")
-    tmp = tree_dir / f".{CURRENT}-{uuid.uuid4().hex[:8]}"
+    folder = Path(folder)
+    if not (folder / version / CONFIG).is_file():
+        raise CheckpointError(f"no complete checkpoint {version} under {folder}")
+    tmp = folder / f".{CURRENT}-{uuid.uuid4().hex[:8]}"
     tmp.write_text(version + "\n")
     _fsync(tmp)
-    os.replace(tmp, tree_dir / CURRENT)
+    os.replace(tmp, folder / CURRENT)
 
 
-def current_version(tree_dir: str | os.PathLike) -> str | None:
-    p = Path(tree_dir) / CURRENT
-    return p.read_text().strip() or None if p.is_file() else None
-
-
-def list_versions(tree_dir: str | os.PathLike) -> list[str]:
+def list_versions(folder: str | os.PathLike) -> list[str]:
     """Complete versions, oldest first (temp folders of interrupted saves are skipped)."""
-    d = Path(tree_dir)
+    d = Path(folder)
     if not d.is_dir():
         return []
     return sorted(p.name for p in d.iterdir()
@@ -208,7 +196,7 @@ def load_expert(path: str | os.PathLike, verify: bool = True) -> LoadedExpert:
 
 def load_current(experts_dir: str | os.PathLike, tree_id: str) -> LoadedExpert | None:
     """The tree's current expert, or None when it has none yet."""
-    tree_dir = Path(experts_dir) / tree_slug(tree_id)
-    if current_version(tree_dir) is None:
+    folder = tree_dir(experts_dir, tree_id)
+    if current_version(folder) is None:
         return None
-    return load_expert(tree_dir)
+    return load_expert(folder)

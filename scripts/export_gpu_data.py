@@ -14,7 +14,7 @@ from probex.config import Settings  # noqa: E402
 from probex_core.checkpoint import load_current  # noqa: E402
 from probex_core.text_encoder import TextEncoder  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
-from tasks.train import current_models, load_rows, split_datasets, tree_labels  # noqa: E402
+from tasks.train import load_rows, split_datasets, tree_labels  # noqa: E402
 
 TREE = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -23,7 +23,7 @@ def main(home: str) -> None:
     s = Settings.load(home)
     cat = Catalog(s.catalog)
     layer = load_current(s.experts, TREE).config["layer"]
-    models = current_models(cat, TREE)
+    models = cat.tree_children(TREE)
     rows = load_rows(s.shards, TREE, layer, models)
     labels = tree_labels(models)
     train, val = split_datasets(rows, labels, TREE, layer)

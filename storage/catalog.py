@@ -192,6 +192,12 @@ class Catalog:
     def upsert_models(self, rows: list[dict]) -> UpsertResult:
         return self.upsert(MODELS, rows, MODEL_KEY, MODELS_SCHEMA)
 
+    def tree_children(self, tree_id: str, models: list[dict] | None = None) -> list[dict]:
+        """The tree's current, readable fine-tunes (not the root, not superseded or quarantined):
+        what experts train on and embed. `models` reuses rows already read."""
+        rows = self.read(MODELS).to_pylist() if models is None else models
+        return [r for r in rows if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
+
     def upsert_trees(self, rows: list[dict]) -> UpsertResult:
         return self.upsert(TREES, rows, TREE_KEY, TREES_SCHEMA)
 

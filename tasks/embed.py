@@ -12,15 +12,21 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
-from probex_core.checkpoint import LoadedExpert, load_current
-from probex_core.data import LayerDataset
-from probex_core.train import embed
-from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog
-from tasks.train import current_models, load_rows
+from probex_core.expert_paths import current_version, tree_dir
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, MODELS, Catalog
+
+if TYPE_CHECKING:
+    import torch
+
+    from probex_core.checkpoint import LoadedExpert
+
+# torch, sklearn and the experts are imported only when a tree has rows to (re)embed: an ingest
+# with nothing new must not spend seconds importing them.
 
 TOP_K = 5
 INDEX_MIN_ROWS = 256  # IVF_PQ trains only from 256 rows; below that exact search is as fast
@@ -55,6 +61,8 @@ class EmbedReport:
 
 def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
     """Per-model probabilities over the expert's label vocabulary (n, C)."""
+    import torch
+
     head = expert.model.out
     with torch.no_grad():
         if expert.probex_config.head == "text":
@@ -64,8 +72,14 @@ def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
 
 
 def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str) -> list[dict]:
+    import torch
+
+    from probex_core.data import LayerDataset
+    from probex_core.train import embed
+    from tasks.train import load_rows
+
     layer = expert.config["layer"]
-    models = current_models(catalog, tree_id)
+    models = catalog.tree_children(tree_id)
     rows = load_rows(shards, tree_id, layer, models)
     if not rows:
         return []
@@ -94,14 +108,23 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     report = EmbedReport()
     tree_ids = trees or [t["tree_id"] for t in catalog.read("trees").to_pylist()]
     all_rows, versions = [], []
+    embedded = embedded_keys(catalog)
+    models = catalog.read(MODELS).to_pylist()
     for tree_id in sorted(tree_ids):
-        expert = load_current(experts, tree_id)
-        if expert is None:
+        version = current_version(tree_dir(experts, tree_id))
+        if version is None:
             report.skipped[tree_id] = "no expert yet; run `probex train`"
             continue
+        versions.append(f"{tree_id}={version}")
+        members = [(r["repo_id"], r["sha"]) for r in catalog.tree_children(tree_id, models)]
+        if all((repo, sha, version) in embedded for repo, sha in members):
+            report.trees[tree_id] = {"version": version, "models": len(members)}
+            continue  # every model already has its row for this expert: nothing to compute
+        from probex_core.checkpoint import load_current
+
+        expert = load_current(experts, tree_id)
         rows = embed_tree_rows(catalog, shards, expert, tree_id)
         report.trees[tree_id] = {"version": expert.version, "models": len(rows)}
-        versions.append(f"{tree_id}={expert.version}")
         all_rows.extend(rows)
     if not all_rows:
         return report
@@ -114,6 +137,14 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     if table.version != before:
         report.tag = tag_version(table, versions)
     return report
+
+
+def embedded_keys(catalog: Catalog) -> set[tuple[str, str, str]]:
+    """(repo_id, sha, expert_version) of every row already in `embeddings`."""
+    if not catalog.has(EMBEDDINGS):
+        return set()
+    t = catalog.read(EMBEDDINGS, columns=list(EMBEDDING_KEY))
+    return set(zip(*(t.column(c).to_pylist() for c in EMBEDDING_KEY)))
 
 
 def ensure_indexes(table) -> bool:

@@ -20,7 +20,7 @@ from probex_core.data import LayerDataset
 from probex_core.errors import ProbexError
 from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot
 from storage.catalog import Catalog
-from tasks.train import current_models, load_rows, model_kwargs, split_datasets, tree_labels
+from tasks.train import load_rows, model_kwargs, split_datasets, tree_labels
 
 GROUND_TRUTH = "_ground_truth.parquet"
 
@@ -88,7 +88,7 @@ def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: d
     if expert is None:
         return None
     layer = expert.config["layer"]
-    models = current_models(catalog, tree_id)
+    models = catalog.tree_children(tree_id)
     labels = tree_labels(models)
     rows = load_rows(shards, tree_id, layer, models)
     train, val = split_datasets(rows, labels, tree_id, layer)

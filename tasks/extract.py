@@ -86,23 +86,36 @@ def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n
     results, jobs = split_done(jobs)
     if not jobs:
         return summarise(results, time.perf_counter() - t0, 0)
-    from distributed import as_completed
-
     with dask_client(dask_address, n_workers) as client:
         workers = len(client.scheduler_info()["workers"])
-        futures = {client.submit(extract_model, job, retries=WORKER_RETRIES, pure=False): job for job in jobs}
-        for fut in as_completed(futures):
-            job = futures[fut]
-            try:
-                res = fut.result()
-            except Exception as e:  # the worker died (KilledWorker) or the task crashed: quarantine
-                loc = job.location
-                res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "quarantined",
-                                    f"worker_failed: {type(e).__name__}: {e}")
-            results.append(res)
-            if on_result:
-                on_result(res)
+        results += extract_on(client, jobs, on_result)
     return summarise(results, time.perf_counter() - t0, workers)
+
+
+def extract_on(client, jobs: list[ExtractJob],
+               on_result: Callable[[ExtractResult], None] | None = None) -> list[ExtractResult]:
+    """One Dask task per model on `client` (plain Dask, no Prefect run per model: ~300 task runs
+    cost minutes of API calls); a model whose worker keeps dying is quarantined, the rest land."""
+    from distributed import as_completed
+
+    futures = {client.submit(extract_model, job, retries=WORKER_RETRIES, pure=False): job for job in jobs}
+    results = []
+    for fut in as_completed(futures):
+        job = futures[fut]
+        try:
+            res = fut.result()
+        except Exception as e:  # the worker died (KilledWorker) or the task crashed: quarantine
+            res = worker_failed(job, e)
+        results.append(res)
+        if on_result:
+            on_result(res)
+    return results
+
+
+def worker_failed(job: ExtractJob, error: BaseException) -> ExtractResult:
+    loc = job.location
+    return ExtractResult(loc.repo_id, loc.sha, job.tree_id, "quarantined",
+                         f"worker_failed: {type(error).__name__}: {error}")
 
 
 # --- planning: which models, which layers ---------------------------------------------------

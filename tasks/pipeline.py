@@ -16,7 +16,6 @@ from tasks.crawl import crawl_source
 from tasks.dask_cluster import check_scheduler
 from tasks.embed import embed_trees
 from tasks.extract import jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
-from tasks.train import train_tree
 
 
 def catalog_for(settings: Settings, create: bool = True) -> Catalog:
@@ -113,6 +112,7 @@ def record_quarantine(catalog: Catalog, results) -> None:
 def train_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
                strategies=("fast",)) -> dict:
     from probex_core.text_encoder import TextEncoder
+    from tasks.train import train_tree  # torch and sklearn: only for the steps that train
 
     catalog = catalog_for(settings)
     encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))

@@ -20,7 +20,7 @@ from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, Weigh
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
 from probex_core.train import TrainConfig, choose_layer, selection_key
-from storage.catalog import MODELS, Catalog
+from storage.catalog import Catalog
 from storage.shards import layers_of, read_layer
 
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -58,11 +58,6 @@ def tree_labels(models: list[dict]) -> TreeLabels:
     if binary and found:
         return TreeLabels("text", {k: v[0] for k, v in found.items()})
     return TreeLabels("multilabel", found)
-
-
-def current_models(catalog: Catalog, tree_id: str) -> list[dict]:
-    return [r for r in catalog.read(MODELS).to_pylist()
-            if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
 
 
 def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict[str, WeightRow]:
@@ -161,7 +156,7 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
                strategies=("fast",)) -> TreeTrainReport:
     """Choose the layer, train, save a new expert version, promote it if not worse."""
     report = TreeTrainReport(tree_id)
-    models = current_models(catalog, tree_id)
+    models = catalog.tree_children(tree_id)
     labels = tree_labels(models)
     report.task = "zeroshot" if labels.task == "text" else "multilabel"
     candidates = layers or layers_of(shards, tree_id)
