@@ -73,6 +73,14 @@ class CatalogQuery:
         self._trees: dict[str, _Tree] | None = None
         self._table = None
         self._class_texts: dict[tuple[str, str], np.ndarray] = {}  # (tree, version) -> (C, text_dim)
+        self._card_frame: pd.DataFrame | None = None
+
+    def refresh(self) -> None:
+        """Forget what was loaded (experts, card fields, the table handle): see new catalog writes.
+        A CatalogQuery is otherwise a snapshot taken at its first question, so repeated questions
+        do not re-read experts and cards (tens of ms each)."""
+        self._trees, self._table, self._card_frame = None, None, None
+        self._class_texts.clear()
 
     @classmethod
     def open(cls, home: str | Path | None = None, **overrides) -> "CatalogQuery":
@@ -119,11 +127,10 @@ class CatalogQuery:
         return torch.as_tensor(self.encoder.encode(texts, prompt=prompt or "{}"), dtype=torch.float32)
 
     def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
-        if not repo_ids:
-            return pd.DataFrame(columns=["repo_id", *CARD_FIELDS])
-        models = self.catalog.read(MODELS).to_pandas()
-        models = models[models["status"] != "superseded"]
-        return models[models["repo_id"].isin(repo_ids)][["repo_id", *CARD_FIELDS]]
+        if self._card_frame is None:
+            models = self.catalog.read(MODELS, columns=["repo_id", "status", *CARD_FIELDS]).to_pandas()
+            self._card_frame = models[models["status"] != "superseded"][["repo_id", *CARD_FIELDS]]
+        return self._card_frame[self._card_frame["repo_id"].isin(repo_ids)]
 
     def _model_row(self, repo_id: str) -> dict:
         if not repo_id or not isinstance(repo_id, str):
@@ -171,8 +178,7 @@ class CatalogQuery:
                 qv = t.expert.model.embed_text(q)[0]  # (r_T,)
                 keep = (torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]) < SAME_AS_QUERY
                 competitors = t.label_vecs[keep]
-            rows = (self.table.search(qv.numpy(), vector_column_name="vector").distance_type("cosine")
-                    .where(filt, prefilter=True).limit(CANDIDATES_PER_TREE).to_list())
+            rows = self.nearest(qv.numpy(), filt, CANDIDATES_PER_TREE, cols + ["vector"])
             if not rows:
                 return pd.DataFrame(columns=cols + ["score"])
             E = torch.as_tensor(np.stack([r["vector"] for r in rows]), dtype=torch.float32)  # (n, r_T)
@@ -191,6 +197,12 @@ class CatalogQuery:
         df = pd.DataFrame([{c: r[c] for c in cols} for r in rows])
         df["score"] = score
         return df
+
+    def nearest(self, vector: np.ndarray, where: str, limit: int, columns: list[str]) -> list[dict]:
+        """The pure vector search: cosine ANN over the rows matching `where` (pre-filtered through
+        the bitmap indexes), only `columns` (+ `_distance`) fetched: whole rows cost 2x the time."""
+        return (self.table.search(vector, vector_column_name="vector").distance_type("cosine")
+                .where(where, prefilter=True).select(columns + ["_distance"]).limit(limit).to_list())
 
     def _class_text(self, t: _Tree) -> np.ndarray:
         """The frozen text embeddings of a tree's label vocabulary (cached per tree)."""
@@ -230,8 +242,7 @@ class CatalogQuery:
         t = self.trees()[row["tree_id"]]
         filt = (f"tree_id = {_sql(t.tree_id)} AND expert_version = {_sql(t.version)} "
                 f"AND repo_id != {_sql(repo_id)}")
-        rows = (self.table.search(np.asarray(row["vector"], np.float32), vector_column_name="vector")
-                .distance_type("cosine").where(filt, prefilter=True).limit(k).to_list())
+        rows = self.nearest(np.asarray(row["vector"], np.float32), filt, k, ["repo_id", "tree_id", "top_labels"])
         df = pd.DataFrame([{"repo_id": r["repo_id"], "tree_id": r["tree_id"],
                             "score": 1.0 - float(r["_distance"]), "top_labels": r["top_labels"]} for r in rows],
                           columns=["repo_id", "tree_id", "score", "top_labels"])

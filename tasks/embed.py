@@ -147,18 +147,27 @@ def embedded_keys(catalog: Catalog) -> set[tuple[str, str, str]]:
     return set(zip(*(t.column(c).to_pylist() for c in EMBEDDING_KEY)))
 
 
-def ensure_indexes(table) -> bool:
-    """A scalar index on tree_id always; the cosine IVF_PQ index once there are enough rows.
-    Rows added after an index was built are folded in by `optimize()`."""
-    from lancedb.index import IvfPq
+FILTER_COLUMNS = ("tree_id", "expert_version")  # every search filters on both: few distinct values
 
-    names = {i.name for i in table.list_indices()}
-    if "tree_id_idx" not in names:
-        table.create_scalar_index("tree_id", index_type="BTREE", replace=True)
+
+def ensure_indexes(table) -> bool:
+    """Bitmap indexes on the filter columns always; the cosine IVF_PQ index once there are enough
+    rows. Rows added after an index was built are folded in by `optimize()`."""
+    from lancedb.index import Bitmap, IvfPq
+
+    indices = table.list_indices()
+    for col in FILTER_COLUMNS:
+        on_col = [i for i in indices if i.columns == [col]]
+        if any(i.index_type == "Bitmap" for i in on_col):
+            continue
+        for old in on_col:  # catalogs from before had a BTree on tree_id
+            table.drop_index(old.name)
+        table.create_index(col, config=Bitmap(), name=f"{col}_idx")
+    types = {i.columns[0]: i.index_type for i in indices}
     n = table.count_rows()
     if n < INDEX_MIN_ROWS:
         return False
-    if "vector_idx" not in names:
+    if "vector" not in types:
         dim = table.schema.field("vector").type.list_size
         table.create_index("vector", config=IvfPq(
             distance_type="cosine",
