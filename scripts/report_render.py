@@ -162,8 +162,14 @@ def gpu(doc: dict) -> list[str]:
     return ["## Training on CUDA", _machine(doc), "", "```", doc.get("log", "").strip(), "```"]
 
 
+def fresh_clone(doc: dict) -> list[str]:
+    return ["## Demo from a fresh clone (issue 7)", _machine(doc), "",
+            f"{doc['how']} at commit {doc['commit']}: **{_f(doc['seconds'] / 60, 1)} min** "
+            f"(exit code {doc['returncode']}; target < 15 min on 2 cores, venv and lake not yet made)."]
+
+
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("query", query),
-            ("demo", demo), ("gpu", gpu)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu)]
 
 
 def render(store: Path) -> str:
