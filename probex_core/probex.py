@@ -63,10 +63,6 @@ class ProbeXConfig:
     row_norm: bool = False
     logit_scale: float = 1 / 0.07  # text head temperature (see module docstring)
     learn_logit_scale: bool = False
-    # Text head: "learned" trains W (text_dim -> r_T) as in the paper; "frozen" fixes it to a
-    # random orthonormal map (seeded), so unseen class texts keep the geometry they have in the
-    # text encoder instead of passing through a map fitted to the few training classes.
-    text_proj: str = "learned"
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -93,22 +89,13 @@ class Head(nn.Module):
     """
 
     def __init__(self, head: str, r_T: int, n_outputs: int = 0, text_dim: int = 384,
-                 logit_scale: float = 1 / 0.07, learn_logit_scale: bool = False, text_proj: str = "learned"):
+                 logit_scale: float = 1 / 0.07, learn_logit_scale: bool = False):
         super().__init__()
         self.kind = head
         if head == "multilabel":
             self.classifier = nn.Linear(r_T, n_outputs)  # T, b_T
         else:
             self.text_proj = nn.Linear(text_dim, r_T)  # frozen text emb -> r_T, with bias
-            if text_proj == "frozen":
-                with torch.no_grad():
-                    g = torch.Generator().manual_seed(0)
-                    q, _ = torch.linalg.qr(torch.randn(text_dim, r_T, generator=g))  # (text_dim, r_T)
-                    self.text_proj.weight.copy_(q.T)
-                    self.text_proj.bias.zero_()
-                self.text_proj.requires_grad_(False)
-            elif text_proj != "learned":
-                raise ValueError(f"text_proj must be 'learned' or 'frozen', got {text_proj!r}")
             log_s = torch.tensor(math.log(logit_scale))
             if learn_logit_scale:
                 self.log_logit_scale = nn.Parameter(log_s)
@@ -149,7 +136,7 @@ class ProbeX(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.Linear(cfg.r_U * cfg.r_V, cfg.r_T)  # all M_l at once, with bias
         self.out = Head(cfg.head, cfg.r_T, cfg.n_outputs, cfg.text_dim, cfg.logit_scale,
-                        cfg.learn_logit_scale, cfg.text_proj)
+                        cfg.learn_logit_scale)
 
     # -- the representation ------------------------------------------------------------------
     def probe_responses(self, batch: WeightBatch) -> torch.Tensor:
@@ -195,8 +182,7 @@ class ProbeX(nn.Module):
         return self.out(self.encode(batch), text_emb)
 
     def n_params(self) -> int:
-        """Trainable parameters (a frozen text projection is not counted)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.parameters())
 
 
 def probex_param_count(cfg: ProbeXConfig) -> int:
@@ -205,5 +191,5 @@ def probex_param_count(cfg: ProbeXConfig) -> int:
     if cfg.head == "multilabel":
         n += cfg.r_T * cfg.n_outputs + cfg.n_outputs
     else:
-        n += (cfg.text_dim * cfg.r_T + cfg.r_T) * (cfg.text_proj == "learned") + int(cfg.learn_logit_scale)
+        n += cfg.text_dim * cfg.r_T + cfg.r_T + int(cfg.learn_logit_scale)
     return n

@@ -47,10 +47,6 @@ class TrainConfig:
     row_norm: str | bool = "auto"  # divide each row by its own norm; "auto": for LoRA rows only
     min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
     time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
-    # Text head: soft targets spread over the training classes by the similarity of their texts
-    # (softmax of cosine / tau), so related classes sit near each other in the joint space; None:
-    # one-hot cross-entropy as in the paper.
-    text_target_tau: float | None = None
     verbose: bool = False
 
     def resolved(self, head: str) -> "TrainConfig":
@@ -218,10 +214,6 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
     tr, va = _inputs(model, train, device), (None if val is None or len(val) == 0
                                              else _inputs(model, val, device))
     t_emb = None if text_emb is None else torch.as_tensor(text_emb, dtype=torch.float32).to(device)
-    targets = None  # (k, k) soft targets per true class, text head only
-    if head == "text" and tcfg.text_target_tau:
-        sims = F.normalize(t_emb, dim=-1) @ F.normalize(t_emb, dim=-1).T  # (k, k)
-        targets = torch.softmax(sims / tcfg.text_target_tau, dim=-1)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                            weight_decay=tcfg.weight_decay)
     gen = torch.Generator().manual_seed(tcfg.seed)  # CPU generator: same order on any device
@@ -236,7 +228,7 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
         total, seen = 0.0, 0
         for s in range(0, len(tr), tcfg.batch_size):
             b = tr.batch(perm[s: s + tcfg.batch_size])
-            loss = loss_fn(head, model(b, t_emb), b.y if targets is None else targets[b.y])
+            loss = loss_fn(head, model(b, t_emb), b.y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
