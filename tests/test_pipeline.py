@@ -78,3 +78,41 @@ def test_embeddings_cover_every_extracted_model(tiny_home, models):
         assert math.isclose(sum(v * v for v in e["vector"]), 1.0, rel_tol=1e-4)
         assert len(e["top_labels"]) == len(e["top_scores"]) > 0
     assert steps["embed"]["tag"].startswith("embed-")
+
+
+def test_reembedding_with_unchanged_experts_writes_nothing(tiny_home, tmp_path):
+    """Every model already has its row for the current expert: no new table version, no tag."""
+    import shutil
+
+    from tasks.embed import embed_trees
+
+    s, steps = tiny_home
+    shutil.copytree(s.catalog, tmp_path / "catalog")
+    cat = Catalog(str(tmp_path / "catalog"))
+    before = cat.table("embeddings").version
+    again = embed_trees(cat, s.shards, str(s.experts)).to_dict()
+    assert again["new"] == again["changed"] == 0 and again["tag"] is None
+    assert {t: v["models"] for t, v in again["trees"].items()} == \
+        {t: v["models"] for t, v in steps["embed"]["trees"].items()}
+    assert cat.table("embeddings").version == before
+
+
+def test_filter_columns_get_bitmap_indexes_replacing_an_old_btree(tiny_home, tmp_path):
+    import shutil
+
+    from lancedb.index import BTree
+
+    from tasks.embed import FILTER_COLUMNS, ensure_indexes
+
+    s, _ = tiny_home
+    shutil.copytree(s.catalog, tmp_path / "catalog")
+    table = Catalog(str(tmp_path / "catalog")).table("embeddings")
+    for i in table.list_indices():
+        if i.columns == ["tree_id"]:
+            table.drop_index(i.name)
+    table.create_index("tree_id", config=BTree(), name="tree_id_idx")  # what older catalogs have
+    ensure_indexes(table)
+    on = {}
+    for i in table.list_indices():
+        on.setdefault(i.columns[0], []).append(i.index_type)
+    assert all(on[c] == ["Bitmap"] for c in FILTER_COLUMNS)
