@@ -165,6 +165,7 @@ def extract_model(job: ExtractJob) -> ExtractResult:
         rows = _extract_adapter(job, res) if job.is_adapter else _extract_full(job, res)
     except TensorReadError as e:
         res.status, res.reason = "quarantined", f"{e.reason}: {e.message}"
+        res.bytes_read += e.bytes_read
         res.seconds = time.perf_counter() - t0
         return res
     except (OSError, ValueError, KeyError) as e:  # unreadable file, missing tensor name, ...

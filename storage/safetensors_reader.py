@@ -41,6 +41,7 @@ class TensorReadError(ProbexError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.bytes_read = 0  # read before the problem showed (set by read_repo_tensors)
 
 
 class CorruptFileError(TensorReadError):
@@ -522,33 +523,37 @@ def read_repo_tensors(
     names = list(dict.fromkeys(names))
     repo_files = set(repo_files)
     bytes_read = 0
-    if filename is None and INDEX_FILENAME in repo_files:
-        index = opener(INDEX_FILENAME)
-        try:
-            plan = shards_for(names, read_weight_map(index))
-        finally:
-            bytes_read += index.bytes_read
-            index.close()
-    else:
-        if filename is None:
-            filename = "model.safetensors" if "model.safetensors" in repo_files else "adapter_model.safetensors"
-        plan = {filename: names}
+    try:
+        if filename is None and INDEX_FILENAME in repo_files:
+            index = opener(INDEX_FILENAME)
+            try:
+                plan = shards_for(names, read_weight_map(index))
+            finally:
+                bytes_read += index.bytes_read
+                index.close()
+        else:
+            if filename is None:
+                filename = "model.safetensors" if "model.safetensors" in repo_files else "adapter_model.safetensors"
+            plan = {filename: names}
 
-    result = RepoRead({}, 0, 0, 0)
-    for shard, shard_names in plan.items():
-        src = opener(shard)
-        try:
-            header = read_header(src)
-            tensors = read_tensors(src, shard_names, header, out_dtype)
-        finally:
-            bytes_read += src.bytes_read
-            src.close()
-        if check:
-            for name, arr in tensors.items():
-                check_finite(name, arr)
-        result.tensors.update(tensors)
-        result.headers[shard] = header
-        result.bytes_needed += header.bytes_needed(shard_names)
-        result.bytes_in_files += header.file_size or 0
+        result = RepoRead({}, 0, 0, 0)
+        for shard, shard_names in plan.items():
+            src = opener(shard)
+            try:
+                header = read_header(src)
+                tensors = read_tensors(src, shard_names, header, out_dtype)
+            finally:
+                bytes_read += src.bytes_read
+                src.close()
+            if check:
+                for name, arr in tensors.items():
+                    check_finite(name, arr)
+            result.tensors.update(tensors)
+            result.headers[shard] = header
+            result.bytes_needed += header.bytes_needed(shard_names)
+            result.bytes_in_files += header.file_size or 0
+    except TensorReadError as e:
+        e.bytes_read = bytes_read  # a quarantined model's reads still count (they were transferred)
+        raise
     result.bytes_read = bytes_read
     return result

@@ -103,8 +103,10 @@ def test_repo_read_checks_values_and_counts_bytes(tmp_path):
     w[0, 0] = np.nan
     np_save_file({"w": w, "v": np.ones((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
     opener = lambda f: LocalFile(tmp_path / f)  # noqa: E731
-    with pytest.raises(CorruptFileError, match="nonfinite"):
+    with pytest.raises(CorruptFileError, match="nonfinite") as bad:
         read_repo_tensors(opener, ["w"], ["model.safetensors"])
+    header_bytes = 8 + struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])[0]
+    assert bad.value.bytes_read == header_bytes + w.nbytes  # a quarantined read still counts its bytes
     r = read_repo_tensors(opener, ["v"], ["model.safetensors"])
     assert r.bytes_read == r.bytes_needed and r.bytes_in_files == (tmp_path / "model.safetensors").stat().st_size
 
