@@ -169,14 +169,19 @@ def _extract_once(workers: int) -> dict:
     return doc
 
 
-def bench_extract() -> None:
-    one = _extract_once(1)
-    two = _extract_once(2)
+def bench_extract(pairs: int = 3) -> None:
+    """1 then 2 workers, `pairs` times in a row: the machine is shared, so single ratios swing
+    (1.50x and 1.83x were seen an hour apart); the report gives each pair and the median."""
+    import statistics
+
+    runs = [(_extract_once(1), _extract_once(2)) for _ in range(pairs)]
+    ratios = [one["seconds"] / two["seconds"] for one, two in runs]
+    cold = [(one["seconds"] + one["cluster_start_s"]) / (two["seconds"] + two["cluster_start_s"]) for one, two in runs]
+    one, two = runs[ratios.index(statistics.median(ratios))]  # the median pair's details
     s = fresh_home("extract")
     out = {"one_worker": _strip(one), "two_workers": _strip(two),
-           "speedup_2_over_1": one["seconds"] / two["seconds"],
-           "speedup_2_over_1_with_cluster_start": (one["seconds"] + one["cluster_start_s"])
-           / (two["seconds"] + two["cluster_start_s"]),
+           "speedup_2_over_1": statistics.median(ratios), "speedup_pairs": ratios,
+           "speedup_2_over_1_with_cluster_start": statistics.median(cold),
            "read_over_needed": two["bytes_read"] / two["bytes_needed"],
            "bound_holds": two["bytes_read"] <= 1.1 * two["bytes_needed"] + 64 * 1024 * two["models"]}
     out["http"] = _extract_http(s)

@@ -80,8 +80,11 @@ def extract(doc: dict) -> list[str]:
     lines += _table(["local, Dask", "models", "tensors", "seconds", "models/s", "MB/s", "read / needed",
                      "read / in files"], rows)
     cold = doc.get("speedup_2_over_1_with_cluster_start")
+    pairs = doc.get("speedup_pairs")
     lines += ["", f"Speed-up 2 workers over 1, same run, on a standing cluster reached by address (workers "
-              f"started and warm): **{_f(doc['speedup_2_over_1'], 2)}x** (target >= 1.6)."
+              f"started and warm): **{_f(doc['speedup_2_over_1'], 2)}x** (target >= 1.6)"
+              + (f", the median of {len(pairs)} back-to-back pairs ({', '.join(_f(p, 2) for p in pairs)}); "
+                 "the table shows the median pair." if pairs else ".")
               + (f" Counting the start of the worker processes ({_f(one.get('cluster_start_s'), 1)} s and "
                  f"{_f(two.get('cluster_start_s'), 1)} s): {_f(cold, 2)}x." if cold else ""), "",
               f"Bound `bytes_read <= 1.1 * bytes_needed + 64 KiB per file`: local {_f(doc['bound_holds'])}, "
