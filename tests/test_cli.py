@@ -102,3 +102,11 @@ def test_tree_without_expert_is_a_typed_error(tiny_home, tmp_path):
     q = CatalogQuery(s.catalog, str(tmp_path / "no-experts"))
     with pytest.raises(NoExpertError):
         q.search("dog", tree="efficientnet/efficientnet-lite0")
+
+
+def test_a_local_prefect_api_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """No PREFECT_API_URL: the command starts a local server; when that fails (here its database
+    cannot be created) the user gets one line naming the server log and the setting."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db")
+    one_line_error(run("ingest", home=tmp_path), "server.log", "PREFECT_API_URL")
