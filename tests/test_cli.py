@@ -104,9 +104,20 @@ def test_tree_without_expert_is_a_typed_error(tiny_home, tmp_path):
         q.search("dog", tree="efficientnet/efficientnet-lite0")
 
 
-def test_a_local_prefect_api_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+def test_a_local_prefect_api_that_cannot_start_is_one_line(tmp_path):
     """No PREFECT_API_URL: the command starts a local server; when that fails (here its database
-    cannot be created) the user gets one line naming the server log and the setting."""
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db")
-    one_line_error(run("ingest", home=tmp_path), "server.log", "PREFECT_API_URL")
+    cannot be created) the user gets one line naming the server log and the setting. Run as a
+    process: Prefect binds its log handlers to the stderr of the process that first imports it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{tmp_path}/missing/dir/prefect.db"
+    probex = str(Path(sys.executable).parent / "probex")
+    done = subprocess.run([probex, "ingest", "--home", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = [l for l in (done.stdout + done.stderr).strip().splitlines() if l.strip()][-1]
+    assert last.startswith("error:") and "server.log" in last and "PREFECT_API_URL" in last, last
