@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,7 +70,9 @@ def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(head(e)).numpy()
 
 
-def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str) -> list[dict]:
+def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str,
+                    models: list[dict] | None = None) -> list[dict]:
+    """One embeddings row per current model of the tree; `models` reuses catalog rows already read."""
     import torch
 
     from probex_core.data import LayerDataset
@@ -79,7 +80,7 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
     from tasks.train import load_rows
 
     layer = expert.config["layer"]
-    models = catalog.tree_children(tree_id)
+    models = catalog.tree_children(tree_id, models)
     rows = load_rows(shards, tree_id, layer, models)
     if not rows:
         return []
@@ -123,7 +124,7 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
         from probex_core.checkpoint import load_current
 
         expert = load_current(experts, tree_id)
-        rows = embed_tree_rows(catalog, shards, expert, tree_id)
+        rows = embed_tree_rows(catalog, shards, expert, tree_id, models)
         report.trees[tree_id] = {"version": expert.version, "models": len(rows)}
         all_rows.extend(rows)
     if not all_rows:
@@ -163,11 +164,10 @@ def ensure_indexes(table) -> bool:
         for old in on_col:  # catalogs from before had a BTree on tree_id
             table.drop_index(old.name)
         table.create_index(col, config=Bitmap(), name=f"{col}_idx")
-    types = {i.columns[0]: i.index_type for i in indices}
     n = table.count_rows()
     if n < INDEX_MIN_ROWS:
         return False
-    if "vector" not in types:
+    if not any(i.columns == ["vector"] for i in indices):
         dim = table.schema.field("vector").type.list_size
         table.create_index("vector", config=IvfPq(
             distance_type="cosine",

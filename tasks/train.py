@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from probex_core.checkpoint import current_version, load_expert, save_expert, tree_slug
+from probex_core.checkpoint import current_version, load_expert, save_expert, tree_dir
 from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, WeightRow
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
@@ -194,10 +194,10 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     report.val, report.params = best.best_val, best.n_params
     report.train_seconds = sum(r.seconds for r in choice.results.values())
 
-    tree_dir = f"{experts}/{tree_slug(tree_id)}"
-    prev = current_version(tree_dir)
+    folder = tree_dir(experts, tree_id)
+    prev = current_version(folder)
     if prev is not None:
-        report.previous_val = load_expert(f"{tree_dir}/{prev}").config.get("metrics", {}).get("val")
+        report.previous_val = load_expert(folder / prev).config.get("metrics", {}).get("val")
     promote = report.previous_val is None or selection_key(best.best_val) >= selection_key(report.previous_val)
     extra = {"class_text_emb": text_emb} if text_emb is not None else None
     path = save_expert(experts, tree_id, best.model, layer=choice.layer, labels=list(train.classes),
