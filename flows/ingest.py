@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.common import dask_runner, publish, settings
 from storage.extract import ExtractJob, ExtractResult
+from tasks.dask_cluster import quiet_cluster_config
 from tasks.extract import extract_on, split_done, summarise, worker_failed
 from tasks.pipeline import catalog_for, crawl_step, embed_step, plan_extraction, record_quarantine
 
@@ -68,7 +69,8 @@ def run_extract(home: str | None, mode: str) -> dict:
     jobs = plan_task(home, mode)
     results, pending = split_done(jobs)  # already on disk: "skipped"
     if pending:
-        results += extract_layers.with_options(task_runner=dask_runner(s))(pending)
+        with quiet_cluster_config():  # prefect-dask starts its LocalCluster inside
+            results += extract_layers.with_options(task_runner=dask_runner(s))(pending)
     record_quarantine(catalog_for(s), results)
     return summarise(results, time.perf_counter() - t0, s.dask_workers if pending else 0).to_dict()
 

@@ -152,15 +152,15 @@ def _extract_once(workers: int) -> dict:
     import logging
     from dataclasses import replace
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
+    from tasks.dask_cluster import local_cluster
     from tasks.pipeline import crawl_step, extract_step
 
     s = fresh_home(f"extract-{workers}")
     crawl_step(s, str(s.lake))
     t0 = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=logging.WARNING) as cluster, Client(cluster) as client:
+    with local_cluster(workers) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("storage.extract"))
         started = time.perf_counter() - t0
         doc = extract_step(replace(s, dask_workers=workers, dask_address=cluster.scheduler_address),
@@ -325,11 +325,10 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
         q.search(words[i % len(words)], k=10)
         total.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the call search() makes per text-head tree
-        q.nearest(vecs[i], f"tree_id = '{tree.tree_id}' AND expert_version = '{tree.version}'",
-                  CANDIDATES_PER_TREE, ["repo_id", "sha", "tree_id", "top_labels", "vector"])
+        q.nearest(vecs[i], tree.tree_id, tree.version, CANDIDATES_PER_TREE, ["repo_id", "sha", "top_labels", "vector"])
         vector.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the ten nearest ids alone
-        q.nearest(vecs[i], f"tree_id = '{tree.tree_id}' AND expert_version = '{tree.version}'", 10, ["repo_id"])
+        q.nearest(vecs[i], tree.tree_id, tree.version, 10, ["repo_id"])
         ids.append(time.perf_counter() - t0)
     return {"rows": q.table.count_rows(), "index_build_s": index_s,
             "search_p50_ms": 1000 * float(np.median(total)), "search_p95_ms": 1000 * float(np.percentile(total, 95)),
