@@ -77,13 +77,24 @@ def fresh_home(name: str, size: str = "small"):
 
 # --- sections ---------------------------------------------------------------------------------
 
-def bench_lake(sizes: list[str]) -> None:
-    from zoo.build import build_lake
+def bench_lake(sizes: list[str], reuse: bool = False) -> None:
+    """Build each size from scratch and record it; with `reuse`, record a finished lake already in
+    the bench folder as its manifest describes it (the full lake builds for about an hour)."""
+    from zoo.build import _bytes, build_lake
 
     doc = json.loads((STORE / "lake.json").read_text()) if (STORE / "lake.json").exists() else {}
     doc.pop("machine", None)
     for size in sizes:
         out = lake_path(size)
+        manifest = json.loads((out / "_lake.json").read_text()) if (out / "_lake.json").exists() else {}
+        if reuse and manifest.get("finished") and "seconds" in manifest:
+            trees = manifest["trees"]
+            summary = {"seconds": manifest["seconds"], "bytes_on_disk": _bytes(out), "n_models": manifest["n_models"],
+                       "n_finetuned": sum(t["n_models"] for t in trees), "trees": trees,
+                       "resumed": manifest.get("resumed", False)}
+            measured = datetime.fromtimestamp((out / "_lake.json").stat().st_mtime, timezone.utc)
+            doc[size] = {**summary, "measured": measured.strftime("%Y-%m-%d %H:%M UTC") + " (finished lake recorded)"}
+            continue
         shutil.rmtree(out, ignore_errors=True)
         summary = build_lake(out, size, seed=0, progress=True).to_dict()
         doc[size] = {"seconds": summary["seconds"], "bytes_on_disk": summary["bytes_on_disk"],
@@ -256,16 +267,28 @@ print(json.dumps({"file_bytes": os.path.getsize(p), "tensor_bytes": small.nbytes
     return doc
 
 
-def bench_train() -> None:
+def bench_train(size: str = "small") -> None:
+    """crawl -> extract every candidate layer -> train (the paper's sweep and ours) -> embed ->
+    evaluate with the baselines, on a fresh home over the `size` lake."""
     from tasks.pipeline import crawl_step, embed_step, eval_step, extract_step, train_step
 
-    s = fresh_home("train")
+    name = "train" if size == "small" else f"train_{size}"
+    s = fresh_home(name, size)
+    stages = {}
+    t0 = time.perf_counter()
     crawl_step(s, str(s.lake))
-    extract_step(s, mode="candidates")
+    extract = extract_step(s, mode="candidates")
+    stages["crawl_extract"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     trained = train_step(s, strategies=("sweep", "fast"))
+    stages["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     embed_step(s)
+    stages["embed"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     evaluated = eval_step(s)
-    save("train", {"train": trained, "eval": evaluated})
+    stages["eval"] = time.perf_counter() - t0
+    save(name, {"size": size, "models": extract["models"], "stages": stages, "train": trained, "eval": evaluated})
 
 
 def bench_query() -> None:
@@ -375,7 +398,7 @@ def bench_fresh_clone() -> None:
 
 
 SECTIONS = {"lake": None, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
-            "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
+            "train_full": lambda: bench_train("full"), "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -392,12 +415,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sections", nargs="*", help=f"any of {', '.join(SECTIONS)} (default: all but lake)")
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="lake sizes for the lake section")
+    ap.add_argument("--reuse", action="store_true",
+                    help="lake section: record finished lakes in the bench folder instead of rebuilding them")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
-        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone")]:
+        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full")]:
             if name == "lake":
-                bench_lake(args.sizes)
+                bench_lake(args.sizes, args.reuse)
             else:
                 SECTIONS[name]()
     render()

@@ -8,7 +8,7 @@ only against the held-out classes' texts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,7 +20,7 @@ from probex_core.data import LayerDataset
 from probex_core.errors import ProbexError
 from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot
 from storage.catalog import Catalog
-from tasks.train import load_rows, model_kwargs, split_datasets, tree_labels
+from tasks.train import default_train_config, load_rows, model_kwargs, split_datasets, tree_labels
 
 GROUND_TRUTH = "_ground_truth.parquet"
 
@@ -99,7 +99,7 @@ def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: d
 
 
 def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None = None,
-                  baselines: bool = True) -> dict:
+                  baselines: bool = True, device: str = "auto") -> dict:
     if splits is None:
         return {"skipped": "no expert; run `probex train`"}
     expert, train, val, test, heldout = splits.expert, splits.train, splits.val, splits.test, splits.heldout
@@ -120,7 +120,8 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
     }
     if not baselines:
         return report
-    tcfg = tcfg or TrainConfig(threads=1)
+    # The experts' device and threads; no time limit: Dense is not cut short to flatter ProbeX.
+    tcfg = tcfg or replace(default_train_config(train.is_lora, device), time_limit_s=None)
     r_T = expert.probex_config.r_T
     for name, trainer in (("dense", train_dense), ("statnn", train_statnn)):
         res = trainer(train, val, tcfg, head=head, text_emb=text_emb, r_T=r_T)

@@ -107,7 +107,10 @@ def extract_on(client, jobs: list[ExtractJob],
     futures = client.map(extract, jobs, retries=WORKER_RETRIES, pure=False)
     job_of = {fut.key: job for fut, job in zip(futures, jobs)}
     results = []
-    for fut, res in as_completed(futures, with_results=True, raise_errors=False):
+    # as_completed runs on the *default* client's event loop unless told: with several clients in
+    # one process (a notebook's, Prefect's, one closed since) that loop may be another's or dead,
+    # and the iteration then waits forever (seen: every model extracted, the run never returned).
+    for fut, res in as_completed(futures, loop=client.loop, with_results=True, raise_errors=False):
         if fut.status != "finished":  # the worker died (KilledWorker) or the task crashed: quarantine
             res = worker_failed(job_of[fut.key], fut.exception())
         results.append(res)

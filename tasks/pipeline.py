@@ -118,8 +118,8 @@ def train_step(settings: Settings, trees: list[str] | None = None, layers: list[
     encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
     out = {}
     for tree_id in tree_ids(catalog, trees):
-        out[tree_id] = train_tree(catalog, settings.shards, str(settings.experts), tree_id,
-                                  encoder=encoder, layers=layers, strategies=strategies).to_dict()
+        out[tree_id] = train_tree(catalog, settings.shards, str(settings.experts), tree_id, encoder=encoder,
+                                  layers=layers, strategies=strategies, device=settings.device).to_dict()
     return {"trees": out}
 
 
@@ -137,7 +137,8 @@ def eval_step(settings: Settings, trees: list[str] | None = None, lake: str | No
     encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
     splits = {t: tree_splits(catalog, settings.shards, str(settings.experts), t, gt)
               for t in tree_ids(catalog, trees)}
-    doc = {"trees": {t: evaluate_tree(sp, encoder, baselines=baselines) for t, sp in splits.items()}}
+    doc = {"trees": {t: evaluate_tree(sp, encoder, baselines=baselines, device=settings.device)
+                     for t, sp in splits.items()}}
     if cross:
         doc["cross_tree"] = cross_tree(splits)
     return doc

@@ -427,6 +427,39 @@ def _trainers(size: str, seed: int, mess: Mess, lake: Path) -> _Trainers:
     return _Trainers(make_plan(size, seed, mess), lake)
 
 
+def _pool_context():
+    """fork where the platform has it: workers then inherit what `_preload` loaded."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def _preload(size: str, seed: int, mess: Mess, lake: Path, todo: list[PlannedModel]) -> None:
+    """Load once, in this process, what the repos still to build share: the plan and class pool,
+    the bases, the image pool's features. Forked workers inherit it; each spawned worker would
+    spend ~10-20 s computing it again. Two threads overlap the image features with the L3 ONNX
+    conversion. Torch runs single-threaded here: a process that has started OpenMP threads must
+    not fork (the children's OpenMP would wait on threads that no longer exist)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    trainers = _trainers(size, seed, mess, lake)
+    kinds = {m.kind for m in todo}
+    roots = {m.repo_id for m in todo if m.kind == "base"}
+    loads = []
+    if "image" in kinds or IMAGE_ROOT in roots:
+        loads.append(trainers.image_base)
+    for root, kind in ((L3_ROOT, "l3"), (L6_ROOT, "l6")):
+        if kind in kinds or root in roots:
+            loads.append(functools.partial(trainers.text_base, root))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads across a fork
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(load) for load in loads]:
+                done.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _build_one(size: str, seed: int, mess: Mess, lake: Path, index: int) -> float | None:
     trainers = _trainers(size, seed, mess, lake)
     return _write(trainers.plan.models[index], trainers, lake)
@@ -463,7 +496,10 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
                   TimeRemainingColumn(), console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task(f"lake {size}", total=len(plan.models), completed=len(plan.models) - len(todo))
         if todo:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+            context = _pool_context()
+            if context.get_start_method() == "fork":
+                _preload(size, seed, plan.mess, out, todo)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init) as pool:
                 def submit(m: PlannedModel):
                     return pool.submit(_build_one, size, seed, plan.mess, out, index[m.repo_id])
                 running = {submit(m): m for m in todo if m.repo_id not in waiting}
@@ -484,12 +520,13 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     gt_tmp = out / (GROUND_TRUTH + ".tmp")
     pq.write_table(_ground_truth(written, accuracy), gt_tmp)
     os.replace(gt_tmp, out / GROUND_TRUTH)
+    seconds = round(time.perf_counter() - started, 2)
     doc = _manifest(plan, trees)
-    doc["n_models"] = len(written)
+    # how long the run that finished the lake took, and whether it resumed an earlier one
+    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(plan.models))
     _write_json(out / MANIFEST, doc)
     return LakeSummary(str(out), size, seed, trees, len(written),
-                       sum(1 for m in written if m.kind not in ("base", "outsider")),
-                       round(time.perf_counter() - started, 2), _bytes(out))
+                       sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, _bytes(out))
 
 
 def _bytes(folder: Path) -> int:
