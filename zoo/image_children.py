@@ -70,16 +70,23 @@ def _pool(split: str, per_class: int, rng: np.random.Generator) -> tuple[np.ndar
 
 
 @torch.no_grad()
-def _features_below(model: EfficientNet, images: np.ndarray) -> torch.Tensor:
-    """The frozen lower network (stem + blocks below FIRST_TRAINED) in eval mode, in batches."""
-    out = []
-    for start in range(0, len(images), 256):
-        x = _preprocess(images[start:start + 256])
+def _features_below(model: EfficientNet, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    """The frozen lower network (stem + blocks below FIRST_TRAINED) in eval mode, in batches.
+
+    Batches run on two Python threads (torch releases the GIL inside its kernels): the lake builder
+    computes this before forking its workers, where torch must stay single-threaded (see
+    zoo.build._preload), and it is the longest part of a tiny build's start (~12 s on one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def lower(start: int) -> torch.Tensor:
+        x = _preprocess(images[start:start + batch])
         x = model._swish(model._bn0(model._conv_stem(x)))
         for block in model._blocks[:FIRST_TRAINED]:
             x = block(x)  # eval mode: no drop-connect
-        out.append(x)
-    return torch.cat(out)
+        return x
+
+    with ThreadPoolExecutor(2) as pool:
+        return torch.cat(list(pool.map(lower, range(0, len(images), batch))))
 
 
 def _forward_top(model: EfficientNet, x: torch.Tensor) -> torch.Tensor:
