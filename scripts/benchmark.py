@@ -267,9 +267,11 @@ print(json.dumps({"file_bytes": os.path.getsize(p), "tensor_bytes": small.nbytes
     return doc
 
 
-def bench_train(size: str = "small") -> None:
-    """crawl -> extract every candidate layer -> train (the paper's sweep and ours) -> embed ->
-    evaluate with the baselines, on a fresh home over the `size` lake."""
+def bench_train(size: str = "small", sweep: bool = True, baselines: bool = True) -> None:
+    """crawl -> extract every candidate layer -> train (ours, and the paper's sweep to compare) ->
+    embed -> evaluate (with the Dense/StatNN baselines and the cross-tree model), on a fresh home
+    over the `size` lake. The full lake runs without the sweep and baselines by default: Dense alone
+    would take tens of minutes on 600 text children (`train_full_baselines` runs them)."""
     from tasks.pipeline import crawl_step, embed_step, eval_step, extract_step, train_step
 
     name = "train" if size == "small" else f"train_{size}"
@@ -280,15 +282,16 @@ def bench_train(size: str = "small") -> None:
     extract = extract_step(s, mode="candidates")
     stages["crawl_extract"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    trained = train_step(s, strategies=("sweep", "fast"))
+    trained = train_step(s, strategies=("sweep", "fast") if sweep else ("fast",))
     stages["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     embed_step(s)
     stages["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluated = eval_step(s)
+    evaluated = eval_step(s, baselines=baselines, cross=baselines)
     stages["eval"] = time.perf_counter() - t0
-    save(name, {"size": size, "models": extract["models"], "stages": stages, "train": trained, "eval": evaluated})
+    save(name, {"size": size, "models": extract["models"], "stages": stages, "baselines": baselines,
+                "sweep": sweep, "train": trained, "eval": evaluated})
 
 
 def bench_query() -> None:
@@ -398,7 +401,8 @@ def bench_fresh_clone() -> None:
 
 
 SECTIONS = {"lake": None, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
-            "train_full": lambda: bench_train("full"), "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
+            "train_full": lambda: bench_train("full", sweep=False, baselines=False),
+            "train_full_baselines": lambda: bench_train("full"), "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -420,7 +424,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
-        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full")]:
+        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines")]:
             if name == "lake":
                 bench_lake(args.sizes, args.reuse)
             else:

@@ -103,6 +103,9 @@ def train(doc: dict) -> list[str]:
     ev, tr = doc["eval"], doc["train"]
     size = doc.get("size", "small")
     lines = [f"## Experts (issue 5, `{size}` lake)", _machine(doc), ""]
+    if doc.get("baselines") is False:
+        lines += ["ProbeX only: Dense, StatNN, the cross-tree model and the paper's sweep were not run on this "
+                  "lake (`scripts/benchmark.py train_full_baselines` runs them; Dense alone takes tens of minutes).", ""]
     if "stages" in doc:
         lines += [f"{doc['models']} models; stage seconds: " + ", ".join(
             f"{k.replace('_', ' + ')} {_f(v)}" for k, v in doc["stages"].items()) + ".", ""]
