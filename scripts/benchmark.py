@@ -93,7 +93,8 @@ def bench_lake(sizes: list[str], reuse: bool = False) -> None:
                        "n_finetuned": sum(t["n_models"] for t in trees), "trees": trees,
                        "resumed": manifest.get("resumed", False)}
             measured = datetime.fromtimestamp((out / "_lake.json").stat().st_mtime, timezone.utc)
-            doc[size] = {**summary, "measured": measured.strftime("%Y-%m-%d %H:%M UTC") + " (finished lake recorded)"}
+            note = manifest.get("seconds_note") or "finished lake recorded"
+            doc[size] = {**summary, "measured": measured.strftime("%Y-%m-%d %H:%M UTC") + f" ({note})"}
             continue
         shutil.rmtree(out, ignore_errors=True)
         summary = build_lake(out, size, seed=0, progress=True).to_dict()
