@@ -161,7 +161,6 @@ def _extract_once(workers: int) -> dict:
     standing LocalCluster of `workers` processes reached by address, as with PROBEX_DASK_ADDRESS.
     Its workers have imported the extraction code first: the ratio measures extraction, not the
     ~1-2 s a worker process takes to start (reported apart as `cluster_start_s`)."""
-    import logging
     from dataclasses import replace
 
     from distributed import Client
@@ -277,20 +276,22 @@ def bench_train(size: str = "small", sweep: bool = True, baselines: bool = True)
 
     name = "train" if size == "small" else f"train_{size}"
     s = fresh_home(name, size)
-    stages = {}
-    t0 = time.perf_counter()
-    crawl_step(s, str(s.lake))
-    extract = extract_step(s, mode="candidates")
-    stages["crawl_extract"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trained = train_step(s, strategies=("sweep", "fast") if sweep else ("fast",))
-    stages["train"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    embed_step(s)
-    stages["embed"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    evaluated = eval_step(s, baselines=baselines, cross=baselines)
-    stages["eval"] = time.perf_counter() - t0
+    stages: dict[str, float] = {}
+
+    def timed(stage: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        stages[stage] = time.perf_counter() - t0
+        return out
+
+    def crawl_and_extract():
+        crawl_step(s, str(s.lake))
+        return extract_step(s, mode="candidates")
+
+    extract = timed("crawl_extract", crawl_and_extract)
+    trained = timed("train", lambda: train_step(s, strategies=("sweep", "fast") if sweep else ("fast",)))
+    timed("embed", lambda: embed_step(s))
+    evaluated = timed("eval", lambda: eval_step(s, baselines=baselines, cross=baselines))
     save(name, {"size": size, "models": extract["models"], "stages": stages, "baselines": baselines,
                 "sweep": sweep, "train": trained, "eval": evaluated})
 

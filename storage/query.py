@@ -194,9 +194,8 @@ class CatalogQuery:
             best = int(sims.argmax())
             if float(sims[best]) < MATCH_MIN:
                 return pd.DataFrame(columns=cols + ["tree_id", "score"])
-            filt = f"tree_id = {_sql(t.tree_id)} AND expert_version = {_sql(t.version)}"
             found = self.lance.to_table(columns=cols + ["label_scores"],
-                                        filter=filt + (f" AND ({where})" if where else ""))
+                                        filter=_tree_filter(t.tree_id, t.version, where))
             if not found.num_rows:
                 return pd.DataFrame(columns=cols + ["tree_id", "score"])
             score = np.array([s[best] for s in found["label_scores"].to_pylist()], dtype=np.float32)
@@ -214,7 +213,6 @@ class CatalogQuery:
         rows is filtered after the search, over-fetching by its share, since a pre-filter over most
         of the table costs more than the search itself (measured: ~13 vs ~5 ms at 100k rows); a
         smaller tree, or any extra `where`, is pre-filtered through the bitmap indexes."""
-        filt = f"tree_id = {_sql(tree_id)} AND expert_version = {_sql(version)}"
         query = {"column": "vector", "q": np.asarray(vector, np.float32), "metric": "cosine"}
         share = self._share(tree_id, version)
         if where is None and share >= POSTFILTER_SHARE:
@@ -225,10 +223,8 @@ class CatalogQuery:
             found = found.filter(keep)
             if found.num_rows >= limit or fetch >= self.lance.count_rows():
                 return found.select([*columns, "_distance"]).slice(0, limit)
-        if where:
-            filt += f" AND ({where})"
-        return self.lance.to_table(columns=[*columns, "_distance"], filter=filt, prefilter=True,
-                                   nearest={**query, "k": limit})
+        return self.lance.to_table(columns=[*columns, "_distance"], nearest={**query, "k": limit},
+                                   filter=_tree_filter(tree_id, version, where), prefilter=True)
 
     @property
     def lance(self):
@@ -289,6 +285,12 @@ class CatalogQuery:
         df = pd.DataFrame({"repo_id": found["repo_id"], "tree_id": t.tree_id, "score": 1.0 - found["_distance"],
                            "top_labels": found["top_labels"]}, columns=["repo_id", "tree_id", "score", "top_labels"])
         return df.reset_index(drop=True).merge(self._cards(df["repo_id"].tolist()), on="repo_id", how="left")
+
+
+def _tree_filter(tree_id: str, version: str, where: str | None = None) -> str:
+    """SQL for one tree's rows from its current expert, narrowed by a user's `where`."""
+    filt = f"tree_id = {_sql(tree_id)} AND expert_version = {_sql(version)}"
+    return f"{filt} AND ({where})" if where else filt
 
 
 def _sql(value: str) -> str:
