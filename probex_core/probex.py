@@ -24,12 +24,23 @@ unit-norm, so logits live in [-s, s]; a fixed s keeps the loss equally sharp for
 2,000 classes, and avoids the learnable temperature's drift towards over-confident fits of the
 few training classes (which hurts the zero-shot classes). Rankings (retrieval, top-k) do not
 depend on s at all. `learn_logit_scale=True` makes it a parameter (log-space, clamped at 100).
+
+Text probe (text head, switched on after training by `train.attach_text_probe`): the class text
+itself probes the layer's input side. A LoRA detector for a class writes its update along the
+directions its class's texts take through the layer; in a tree fine-tuned from the text encoder
+itself the layer reads (nearly) the encoder's own space, so the response is large for the model's
+own class, seen in training or not. With X^ the normalised row at unit Frobenius norm:
+    F (n, m, d_W)    X^'s top m singular directions: F^T F ~ X^T X^ (exact for rank <= m)
+    R(X, t) = ||F t||^2 - t^T M t               M = mean over training rows of X^T X^ (buffer)
+    logits  = a * (head logits) + b * R           a, b fitted on validation by cross-entropy
+Measured on the small lake's L6 tree (20 held-out classes): R alone, no training, zero-shot top-1
+0.87; the head alone 0.20; fused 0.60 with in-distribution top-1 0.88 (head alone 0.65).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -63,6 +74,12 @@ class ProbeXConfig:
     row_norm: bool = False
     logit_scale: float = 1 / 0.07  # text head temperature (see module docstring)
     learn_logit_scale: bool = False
+    text_probe: bool = False  # fuse the text probe's response (needs head "text", d_W == text_dim)
+    head_weight: float = 1.0  # a: weight of the head's logits when fused
+    probe_weight: float = 0.0  # b: weight of the text probe's response
+    # Singular directions of a row kept in F (what the catalog stores per model: probe_rank x d_W).
+    # 4 kept every zero-shot figure of the small and full lakes' L6 trees within 0.01 of all 16.
+    probe_rank: int = 4
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -71,6 +88,9 @@ class ProbeXConfig:
             raise ValueError("multilabel head needs n_outputs >= 1")
         if not (self.input_scale > 0 and math.isfinite(self.input_scale)):
             raise ValueError(f"input_scale must be positive and finite, got {self.input_scale}")
+        if self.text_probe and (self.head != "text" or self.d_W != self.text_dim):
+            raise ValueError("the text probe needs the text head and a layer whose inputs are the "
+                             f"text encoder's size (d_W {self.d_W} vs text_dim {self.text_dim})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +157,8 @@ class ProbeX(nn.Module):
         self.encoder = nn.Linear(cfg.r_U * cfg.r_V, cfg.r_T)  # all M_l at once, with bias
         self.out = Head(cfg.head, cfg.r_T, cfg.n_outputs, cfg.text_dim, cfg.logit_scale,
                         cfg.learn_logit_scale)
+        if cfg.text_probe:
+            self.register_buffer("probe_moment", torch.zeros(cfg.d_W, cfg.d_W))  # M (d_W, d_W)
 
     # -- the representation ------------------------------------------------------------------
     def probe_responses(self, batch: WeightBatch) -> torch.Tensor:
@@ -179,7 +201,51 @@ class ProbeX(nn.Module):
 
     def forward(self, batch: WeightBatch, text_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Logits: (n, C) for multilabel; (n, k) against the k given class texts for the text head."""
-        return self.out(self.encode(batch), text_emb)
+        F_ = self.probe_factor(batch) if self.cfg.text_probe else None
+        return self.logits_from(self.encode(batch), F_, text_emb)
+
+    def logits_from(self, e: torch.Tensor, F_: torch.Tensor | None = None,
+                    text_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from what the catalog stores per model: e (n, r_T) and, with the text probe, its
+        factor F (n, m, d_W). Without F the head's logits alone (a model embedded without one)."""
+        logits = self.out(e, text_emb)
+        if self.cfg.text_probe and F_ is not None:
+            logits = self.cfg.head_weight * logits + self.cfg.probe_weight * self.text_response(F_, text_emb)
+        return logits
+
+    # -- the text probe (see module docstring) -------------------------------------------------
+    def probe_factor(self, batch: WeightBatch) -> torch.Tensor:
+        """F (n, probe_rank, d_W): the top singular directions of X^ (the (centred) row at unit
+        Frobenius norm), so ||F t||^2 = ||X^ t||^2 when the row's rank is <= probe_rank (zero rows
+        pad lower ranks). LoRA rows go through their small factor, never forming X."""
+        if batch.is_lora and self.input_mean is None:
+            _, R = torch.linalg.qr(batch.B)  # B = Q R, Q orthonormal: (n, d_H, r) -> R (n, r, r)
+            G = batch.scale[:, None, None] * (R @ batch.A)  # X = Q G, same singular values: (n, r, d_W)
+        else:
+            G = batch.dense() if batch.is_lora else batch.X
+            if self.input_mean is not None:
+                G = G - self.input_mean
+        _, S, Vh = torch.linalg.svd(G, full_matrices=False)  # S (n, q), Vh (n, q, d_W)
+        m = min(self.cfg.probe_rank, S.shape[1])
+        F_ = S[:, :m, None] * Vh[:, :m]  # (n, m, d_W)
+        F_ = F_ / G.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+        return F.pad(F_, (0, 0, 0, self.cfg.probe_rank - m))  # (n, probe_rank, d_W)
+
+    def text_response(self, F_: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """R = ||F t||^2 - t^T M t for each row and class text: (n, m, d_W), (k, d_W) -> (n, k)."""
+        t = F.normalize(text_emb, dim=-1)
+        own = (F_ @ t.T).pow(2).sum(dim=1)  # (n, m, k) -> (n, k)
+        usual = ((t @ self.probe_moment) * t).sum(dim=-1)  # (k,): a typical training row's response
+        return own - usual
+
+    def enable_text_probe(self, moment: torch.Tensor, head_weight: float, probe_weight: float) -> None:
+        """Switch the text probe on with M (d_W, d_W) and the fused weights (see attach_text_probe)."""
+        self.cfg = replace(self.cfg, text_probe=True, head_weight=float(head_weight),
+                           probe_weight=float(probe_weight))
+        if hasattr(self, "probe_moment"):
+            self.probe_moment.copy_(moment)
+        else:
+            self.register_buffer("probe_moment", moment.detach().clone())
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -47,6 +47,7 @@ class TrainConfig:
     row_norm: str | bool = "auto"  # divide each row by its own norm; "auto": for LoRA rows only
     min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
     time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
+    text_probe: str | bool = "auto"  # text head: fuse the text probe; "auto": when d_W == text_dim
     verbose: bool = False
 
     def resolved(self, head: str) -> "TrainConfig":
@@ -306,7 +307,57 @@ def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfi
     tcfg = tcfg or TrainConfig()
     check_datasets(train, val, cfg.head, cfg.d_H, cfg.d_W, text_emb, tcfg.min_train)
     model = build_probex(train, cfg, tcfg)
-    return fit(model, train, val, cfg.head, tcfg, text_emb, config=model.cfg, kind="probex")
+    result = fit(model, train, val, cfg.head, tcfg, text_emb, config=model.cfg, kind="probex")
+    wants_probe = cfg.d_W == cfg.text_dim if tcfg.text_probe == "auto" else bool(tcfg.text_probe)
+    if cfg.head == "text" and wants_probe:
+        attach_text_probe(result, train, val, text_emb)
+    return result
+
+
+@torch.no_grad()
+def _probe_parts(model: ProbeX, ds: LayerDataset, text_emb: torch.Tensor, chunk: int = 256):
+    """Head logits and text-probe responses of every row against the class texts: (n, k) each."""
+    heads, resps = [], []
+    for s in range(0, len(ds), chunk):
+        b = ds.batch(torch.arange(s, min(s + chunk, len(ds))))
+        heads.append(model.out(model.encode(b), text_emb))
+        resps.append(model.text_response(model.probe_factor(b), text_emb))
+    return torch.cat(heads), torch.cat(resps)
+
+
+def attach_text_probe(result: TrainResult, train: LayerDataset, val: LayerDataset | None,
+                      text_emb) -> None:
+    """Fuse the text probe into a trained text-head expert (in place): M from the training rows,
+    then the weights (a, b) of `a * head + b * response` by cross-entropy on the validation rows
+    (the training rows when there are none: the head fits those, so b then stays small).
+    The head itself is not retrained; result.best_val becomes the fused model's validation."""
+    model: ProbeX = result.model
+    t = torch.as_tensor(text_emb, dtype=torch.float32)
+    with torch.no_grad():
+        moment = torch.zeros(train.d_W, train.d_W)
+        for s in range(0, len(train), 256):
+            F_ = model.probe_factor(train.batch(torch.arange(s, min(s + 256, len(train)))))
+            moment += torch.einsum("nmi,nmj->ij", F_, F_)  # sum of X^T X^ over the rows
+        moment /= len(train)
+    model.enable_text_probe(moment, 1.0, 0.0)
+    fit_on = val if val is not None and len(val) else train
+    head, resp = _probe_parts(model, fit_on, t)
+    sigma = float(resp.std()) or 1.0
+    log_w = torch.tensor([0.0, -np.log(sigma)], requires_grad=True)  # log a, log b
+    opt = torch.optim.LBFGS([log_w], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(log_w[0].exp() * head + log_w[1].exp() * resp, fit_on.y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = (float(v) for v in log_w.detach().exp())
+    model.enable_text_probe(moment, a, b)
+    result.config = model.cfg
+    if val is not None and len(val):
+        result.best_val = evaluate(model, val, "text", t)
 
 
 # ---------------------------------------------------------------------------------------------

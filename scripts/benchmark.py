@@ -333,12 +333,19 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
 
     table = q.catalog.table("embeddings")
     k = len(tree.labels)
+    factors = None  # the text probe's factor per row, when the expert fuses one (read per candidate)
+    if tree.probe:
+        cfg = tree.expert.probex_config
+        size = cfg.probe_rank * cfg.d_W
+        factors = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * size),
+                                           pa.array(rng.standard_normal(n * size).astype(np.float32) / size ** 0.5))
     batch = pa.table({
         "repo_id": [f"synthetic/m{i}" for i in range(n)], "sha": ["0" * 40] * n,
         "expert_version": [tree.version] * n, "tree_id": [tree.tree_id] * n,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
         "top_labels": [[tree.labels[0]]] * n, "top_scores": [[0.5]] * n,
         "label_scores": [[1.0 / k] * k] * n, "task": ["zeroshot"] * n,
+        "probe_factor": factors if factors is not None else pa.nulls(n, pa.list_(pa.float32())),
     }, schema=table.schema)
     table.add(batch)
     t0 = time.perf_counter()
@@ -353,7 +360,8 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
         q.search(words[i % len(words)], k=10)
         total.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the call search() makes per text-head tree
-        q.nearest(vecs[i], tree.tree_id, tree.version, CANDIDATES_PER_TREE, ["repo_id", "sha", "top_labels", "vector"])
+        q.nearest(vecs[i], tree.tree_id, tree.version, CANDIDATES_PER_TREE,
+                  ["repo_id", "sha", "top_labels", "vector"] + (["probe_factor"] if tree.probe else []))
         vector.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the ten nearest ids alone
         q.nearest(vecs[i], tree.tree_id, tree.version, 10, ["repo_id"])

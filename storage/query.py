@@ -10,8 +10,9 @@ Importable from a notebook with no Prefect:
 
 Scores are calibrated so that rankings from different trees can be merged:
 * a tree with a text head: the probability that the model's class is the query rather than any of
-  the classes the expert was trained on (a softmax over [query, training classes] in the joint
-  space; a training class that says the same as the query is left out of the competitors);
+  the classes the expert was trained on (a softmax of the expert's logits over [query, training
+  classes], its text probe fused in when it has one; a training class that says the same as the
+  query is left out of the competitors);
 * a multi-label tree: the expert's sigmoid probability for its class that best matches the query
   text, when some class matches it at all (cosine of the text embeddings >= MATCH_MIN).
 """
@@ -34,6 +35,10 @@ from storage.catalog import EMBEDDINGS, MODELS, Catalog
 MATCH_MIN = 0.6  # a multi-label class "says" the query when their texts are this similar
 SAME_AS_QUERY = 0.9  # a training class this close to the query is the query, not a competitor
 CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ranking
+# A tree whose expert fuses the text probe is re-ranked whole up to this many rows: the probe's
+# score is not a distance in the vector index, so candidates by vector alone would miss models of
+# classes the expert never saw (its strength). Larger trees re-rank their vector candidates only.
+SCAN_ROWS = 5000
 POSTFILTER_SHARE = 0.5  # a tree with this share of the rows is filtered after the vector search
 CARD_FIELDS = ["license", "pipeline_tag", "library_name", "tags", "labels"]
 
@@ -65,7 +70,10 @@ class _Tree:
     head: str
     labels: list[str]
     expert: object  # LoadedExpert
-    label_vecs: torch.Tensor | None  # text head: training classes in the joint space (k, r_T)
+
+    @property
+    def probe(self) -> bool:
+        return bool(self.expert.probex_config.text_probe)
 
 
 class CatalogQuery:
@@ -79,13 +87,13 @@ class CatalogQuery:
         self._class_texts: dict[tuple[str, str], np.ndarray] = {}  # (tree, version) -> (C, text_dim)
         self._card_frame: pd.DataFrame | None = None
         self._lance = None  # the embeddings table's Lance dataset (vector search)
-        self._shares: dict[tuple[str, str], float] | None = None  # (tree, version) -> share of rows
+        self._counts: dict[tuple[str, str], int] | None = None  # (tree, version) -> rows
 
     def refresh(self) -> None:
         """Forget what was loaded (experts, card fields, the table handle): see new catalog writes.
         A CatalogQuery is otherwise a snapshot taken at its first question, so repeated questions
         do not re-read experts and cards (tens of ms each)."""
-        self._trees, self._table, self._card_frame, self._lance, self._shares = None, None, None, None, None
+        self._trees, self._table, self._card_frame, self._lance, self._counts = None, None, None, None, None
         self._class_texts.clear()
 
     @classmethod
@@ -120,13 +128,8 @@ class CatalogQuery:
                 expert = load_current(self.experts_dir, row["tree_id"])
                 if expert is None:
                     continue
-                head = expert.probex_config.head
-                vecs = None
-                if head == "text":
-                    with torch.no_grad():
-                        vecs = expert.model.embed_text(expert.extra["class_text_emb"])
-                self._trees[row["tree_id"]] = _Tree(row["tree_id"], expert.version, head,
-                                                    list(expert.labels), expert, vecs)
+                self._trees[row["tree_id"]] = _Tree(row["tree_id"], expert.version,
+                                                    expert.probex_config.head, list(expert.labels), expert)
         return self._trees
 
     def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
@@ -177,17 +180,21 @@ class CatalogQuery:
     def _search_tree(self, t: _Tree, q: torch.Tensor, where: str | None) -> pd.DataFrame:
         cols = ["repo_id", "sha", "top_labels"]
         if t.head == "text":
-            with torch.no_grad():
-                qv = t.expert.model.embed_text(q)[0]  # (r_T,)
-                keep = (torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]) < SAME_AS_QUERY
-                competitors = t.label_vecs[keep]
-            found = self.nearest(qv.numpy(), t.tree_id, t.version, CANDIDATES_PER_TREE, cols + ["vector"], where)
+            class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)  # (C, text_dim)
+            texts = torch.cat([q, class_text[(class_text @ q[0]) < SAME_AS_QUERY]])  # query, competitors
+            fetch = cols + ["vector"] + (["probe_factor"] if t.probe else [])
+            if t.probe and self._count(t.tree_id, t.version) <= SCAN_ROWS:
+                found = self.lance.to_table(columns=fetch, filter=_tree_filter(t.tree_id, t.version, where))
+            else:
+                with torch.no_grad():
+                    qv = t.expert.model.embed_text(q)[0]  # (r_T,)
+                found = self.nearest(qv.numpy(), t.tree_id, t.version, CANDIDATES_PER_TREE, fetch, where)
             if not found.num_rows:
                 return pd.DataFrame(columns=cols + ["tree_id", "score"])
             vec = found["vector"].combine_chunks()
             E = torch.from_numpy(np.array(vec.flatten(), np.float32).reshape(len(vec), -1))  # (n, r_T)
-            scale = float(t.expert.model.out.logit_scale)
-            logits = scale * E @ torch.cat([qv[None], competitors]).T  # (n, 1 + k')
+            with torch.no_grad():
+                logits = t.expert.model.logits_from(E, self._factors(t, found), texts)  # (n, 1 + k')
             score = torch.softmax(logits, dim=-1)[:, 0].numpy()
         else:
             sims = torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]  # (C,)
@@ -232,16 +239,34 @@ class CatalogQuery:
             self._lance = self.table.to_lance()
         return self._lance
 
-    def _share(self, tree_id: str, version: str) -> float:
-        """Share of the table's rows in one tree's current version (counted once per snapshot)."""
-        if self._shares is None:
+    def _count(self, tree_id: str, version: str) -> int:
+        """Rows of one tree's current version (counted once per snapshot)."""
+        if self._counts is None:
             counts = (self.lance.to_table(columns=["tree_id", "expert_version"])
                       .group_by(["tree_id", "expert_version"]).aggregate([([], "count_all")]))
-            total = max(1, sum(counts["count_all"].to_pylist()))
-            self._shares = {(t, v): n / total for t, v, n in zip(counts["tree_id"].to_pylist(),
-                                                                  counts["expert_version"].to_pylist(),
-                                                                  counts["count_all"].to_pylist())}
-        return self._shares.get((tree_id, version), 0.0)
+            self._counts = {(t, v): n for t, v, n in zip(counts["tree_id"].to_pylist(),
+                                                         counts["expert_version"].to_pylist(),
+                                                         counts["count_all"].to_pylist())}
+        return self._counts.get((tree_id, version), 0)
+
+    def _share(self, tree_id: str, version: str) -> float:
+        """Share of the table's rows in one tree's current version."""
+        self._count(tree_id, version)
+        return self._counts.get((tree_id, version), 0) / max(1, sum(self._counts.values()))
+
+    @staticmethod
+    def _factors(t: _Tree, found: pa.Table | list) -> torch.Tensor | None:
+        """The text probe's factors (n, m, d_W) of found rows; None when the tree has no probe or a
+        row was embedded without one (then the head's logits alone)."""
+        if not t.probe:
+            return None
+        col = found["probe_factor"] if isinstance(found, pa.Table) else pa.array(found, pa.list_(pa.float32()))
+        if col.null_count:
+            return None
+        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        d_W = t.expert.probex_config.d_W
+        flat = np.asarray(col.flatten(), np.float32)
+        return torch.from_numpy(flat.reshape(len(col), -1, d_W))
 
     def _class_text(self, t: _Tree) -> np.ndarray:
         """The frozen text embeddings of a tree's label vocabulary (cached per tree)."""
@@ -262,8 +287,8 @@ class CatalogQuery:
         q = self._encode(labels, None)  # (L, text_dim)
         if t.head == "text":
             with torch.no_grad():
-                e = torch.as_tensor(np.asarray(row["vector"], np.float32))
-                logits = float(t.expert.model.out.logit_scale) * t.expert.model.embed_text(q) @ e
+                e = torch.as_tensor(np.asarray(row["vector"], np.float32))[None]  # (1, r_T)
+                logits = t.expert.model.logits_from(e, self._factors(t, [row.get("probe_factor")]), q)[0]
                 scores = torch.softmax(logits, dim=0).numpy()
             matched = [None] * len(labels)
         else:

@@ -42,6 +42,8 @@ def embeddings_schema(dim: int) -> pa.Schema:
         ("top_scores", pa.list_(pa.float32())),
         ("label_scores", pa.list_(pa.float32())),  # every label of the expert's vocabulary, in order
         ("task", pa.string()),
+        # The text probe's factor F (m x d_W, row-major) for experts that fuse it; null otherwise.
+        ("probe_factor", pa.list_(pa.float32())),
     ])
 
 
@@ -58,16 +60,26 @@ class EmbedReport:
         return asdict(self)
 
 
-def label_scores(expert: LoadedExpert, e: torch.Tensor) -> np.ndarray:
+def label_scores(expert: LoadedExpert, e: torch.Tensor, factors: torch.Tensor | None = None) -> np.ndarray:
     """Per-model probabilities over the expert's label vocabulary (n, C)."""
     import torch
 
-    head = expert.model.out
     with torch.no_grad():
         if expert.probex_config.head == "text":
-            logits = head(e, expert.extra["class_text_emb"])
+            logits = expert.model.logits_from(e, factors, expert.extra["class_text_emb"])
             return torch.softmax(logits, dim=-1).numpy()
-        return torch.sigmoid(head(e)).numpy()
+        return torch.sigmoid(expert.model.out(e)).numpy()
+
+
+def probe_factors(expert: LoadedExpert, ds, chunk: int = 256):
+    """The text probe's factors F (n, m, d_W) of every row, or None for experts without one."""
+    import torch
+
+    if not expert.probex_config.text_probe:
+        return None
+    with torch.no_grad():
+        return torch.cat([expert.model.probe_factor(ds.batch(torch.arange(s, min(s + chunk, len(ds)))))
+                          for s in range(0, len(ds), chunk)])
 
 
 def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str,
@@ -87,7 +99,8 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
     ids = sorted(rows)
     ds = LayerDataset.from_rows([rows[r] for r in ids], tree=tree_id, layer=layer)
     e = torch.as_tensor(embed(expert.model, ds))
-    probs = label_scores(expert, e)
+    factors = probe_factors(expert, ds)
+    probs = label_scores(expert, e, factors)
     vectors = torch.nn.functional.normalize(e, dim=-1).numpy()
     sha = {r["repo_id"]: r["sha"] for r in models}
     labels = expert.labels
@@ -101,6 +114,7 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
             "top_scores": [round(float(probs[i, j]), 6) for j in top],
             "label_scores": np.round(probs[i], 6).astype(np.float32),
             "task": expert.config.get("info", {}).get("task"),
+            "probe_factor": None if factors is None else factors[i].flatten().numpy().astype(np.float32),
         })
     return out
 

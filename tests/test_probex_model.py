@@ -126,3 +126,41 @@ def test_row_norm_uses_factors_and_ignores_update_size():
     assert torch.allclose(model.row_norms(lora), model.row_norms(dense), rtol=1e-4)
     bigger = WeightBatch(A=A, B=B, scale=scale * 10)  # the same directions, 10x the update
     assert torch.allclose(model(lora), model(bigger), atol=1e-5)
+
+
+def test_text_probe_factor_reproduces_the_rows_response():
+    """||F t||^2 = ||X^ t||^2 for X^ the row at unit Frobenius norm: exact for LoRA factors (never
+    forming X), and for dense rows of rank <= probe_rank."""
+    g = torch.Generator().manual_seed(3)
+    cfg = ProbeXConfig(d_H=12, d_W=10, head="text", text_dim=10, r_U=4, r_V=4, r_T=5, text_probe=True,
+                       probe_rank=5)
+    m = ProbeX(cfg).eval()
+    t = torch.nn.functional.normalize(torch.randn(6, 10, generator=g), dim=-1)
+    lora = LayerDataset.from_rows(lora_rows(5, 12, 10, ranks=(3, 5), seed=4), tree="t", layer="l")
+    dense_rows = [WeightRow(f"d/{i}", X=torch.randn(12, 4, generator=g) @ torch.randn(4, 10, generator=g))
+                  for i in range(5)]
+    dense = LayerDataset.from_rows(dense_rows, tree="t", layer="l")
+    for ds in (lora, dense):
+        b = ds.batch(torch.arange(len(ds)))
+        X = b.dense()
+        X = X / X.flatten(1).norm(dim=1)[:, None, None]
+        want = (X @ t.T).pow(2).sum(dim=1)  # (n, k)
+        with torch.no_grad():
+            got = (m.probe_factor(b) @ t.T).pow(2).sum(dim=1)
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # a smaller probe_rank keeps the strongest directions only: never more than the whole response
+    m2 = ProbeX(ProbeXConfig(**{**cfg.to_dict(), "probe_rank": 2})).eval()
+    b = lora.batch(torch.arange(len(lora)))
+    with torch.no_grad():
+        F2 = m2.probe_factor(b)
+        assert F2.shape == (5, 2, 10)
+        X = b.dense()
+        full = ((X / X.flatten(1).norm(dim=1)[:, None, None]) @ t.T).pow(2).sum(dim=1)
+        assert ((F2 @ t.T).pow(2).sum(dim=1) <= full + 1e-6).all()
+
+
+def test_text_probe_needs_a_text_sized_layer():
+    with pytest.raises(ValueError, match="text_dim"):
+        ProbeXConfig(d_H=12, d_W=10, head="text", text_dim=16, text_probe=True)
+    with pytest.raises(ValueError, match="text head"):
+        ProbeXConfig(d_H=12, d_W=10, head="multilabel", n_outputs=3, text_dim=10, text_probe=True)

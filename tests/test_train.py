@@ -117,6 +117,56 @@ def test_text_head_in_distribution_and_zero_shot():
     assert np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
 
 
+def input_side_tree(n_train_classes=6, n_heldout=8, per_class=5, d=16, seed=0):
+    """Single-concept LoRA tree whose update reads its class's text direction (A's rows near the
+    class text, as in a tree fine-tuned from the text encoder), with too few training classes for
+    the head alone to generalise to classes it never saw."""
+    rng = np.random.default_rng(seed)
+    n_cls = n_train_classes + n_heldout
+    names = [f"concept{i}" for i in range(n_cls)]
+    text = rng.standard_normal((n_cls, d)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def split(class_ids, per):
+        rows, labels = [], []
+        for c in class_ids:
+            for _ in range(per):
+                r = int(rng.choice([2, 4]))
+                A = text[c] + 0.3 * rng.standard_normal((r, d)).astype(np.float32)
+                B = rng.standard_normal((d, r)).astype(np.float32) * rng.uniform(0.1, 2)
+                rows.append(WeightRow(f"m/{len(rows)}-{c}", A=A, B=B, scale=float(rng.uniform(0.5, 2))))
+                labels.append(names[c])
+        return rows, labels
+
+    tr_ids, held_ids = list(range(n_train_classes)), list(range(n_train_classes, n_cls))
+    mk = lambda rl, cl: LayerDataset.from_rows(rl[0], tree="synthetic/text", layer="q", labels=rl[1],  # noqa
+                                               task="text", classes=cl)
+    tr_names, held_names = [names[i] for i in tr_ids], [names[i] for i in held_ids]
+    return (mk(split(tr_ids, per_class), tr_names), mk(split(tr_ids, 2), tr_names),
+            mk(split(held_ids, 3), held_names), torch.from_numpy(text[tr_ids]), torch.from_numpy(text[held_ids]))
+
+
+def test_text_probe_names_classes_never_trained_on(tmp_path):
+    tr, va, zs, t_train, t_held = input_side_tree()
+    cfg = config_for(tr, "text", text_dim=16, **SMALL)
+    fused = train_expert(tr, va, cfg, fast(), text_emb=t_train)  # "auto": d_W == text_dim
+    head_only = train_expert(tr, va, cfg, fast(text_probe=False), text_emb=t_train)
+    assert fused.config.text_probe and fused.config.probe_weight > 0
+    assert not head_only.config.text_probe
+    z_fused = evaluate_zeroshot(fused.model, zs, t_held)["zeroshot_top1"]
+    z_head = evaluate_zeroshot(head_only.model, zs, t_held)["zeroshot_top1"]
+    # chance 1/8: the class text read through the layer's input side names unseen classes
+    assert z_fused >= 0.75 and z_fused > z_head, (z_fused, z_head)
+    # the fused expert survives a checkpoint: same logits after loading (M is a buffer)
+    from probex_core.checkpoint import load_expert, save_expert
+    path = save_expert(tmp_path, "synthetic/text", fused.model, layer="q", labels=tr.classes,
+                       text_encoder="x", prompt="{}", extra_tensors={"class_text_emb": t_train})
+    loaded = load_expert(path.parent)
+    b = zs.batch(torch.arange(len(zs)))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(b, t_held), fused.model(b, t_held))
+
+
 def test_layer_choice_sweep_and_fast():
     good = (multilabel_split(120, 1), multilabel_split(40, 2))
     bad = (multilabel_split(120, 1, signal=0.0, layer="noise"),
