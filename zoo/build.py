@@ -64,6 +64,7 @@ class SizeSpec:
     l6_holdout_classes: int
     l6: int  # L6 children over training classes
     l6_holdout: int  # L6 children over held-out classes
+    l6_spare: int = 0  # extra L6 children over training classes, from their own random stream
 
 
 # Sized by measured per-child cost (one thread per worker, two workers; see the benchmark report).
@@ -71,7 +72,10 @@ SIZES = {
     # tiny: every tree still trains an expert in tests (three children per L6 training class).
     "tiny": SizeSpec(image=8, l3=8, l3_pool=10, l6_classes=4, l6_holdout_classes=2, l6=12, l6_holdout=2),
     "small": SizeSpec(image=95, l3=60, l3_pool=10, l6_classes=40, l6_holdout_classes=20, l6=120, l6_holdout=30),
-    "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150),
+    # full: the seed-0 build left out one L6 child that no seed taught its task (1,499 of 1,500);
+    # four spares keep the floor of 1,500 fine-tuned models with room for a few such children.
+    "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150,
+                     l6_spare=4),
 }
 
 
@@ -166,8 +170,8 @@ class LakeSummary:
 # ----------------------------------------------------------------------------------- the plan
 
 
-def _name_maker(rng: random.Random):
-    taken: set[str] = set()
+def _name_maker(rng: random.Random, taken: set[str] | None = None):
+    taken = set() if taken is None else taken
 
     def make(root: str | None, declared: bool) -> str:
         # undeclared models get neutral names: a name like "minilm-l6-..." would declare lineage
@@ -232,27 +236,40 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
     ids: list[str] = []
     for i, (root, kind, classes, holdout) in enumerate(jobs):
         declared = i not in undeclared
-        repo_id = new_name(root, declared)
-        ids.append(repo_id)
-        if holdout:
-            split = "holdout"
-        elif rng.random() < TEST_SHARE:
-            split = "test"
-        else:
-            split = "val" if is_val(repo_id) else "train"
-        rank = rng.choice(RANKS)
-        models.append(PlannedModel(
-            repo_id, kind, root, parent=ids[chains[i]] if i in chains else root, classes=classes,
-            split=split, documented=split in ("train", "val"), lineage_declared=declared,
-            corruption=corrupt.get(i), seed=rng.randrange(2**31),
-            lr=rng.choice(IMAGE_LRS if kind == "image" else TEXT_LRS),
-            epochs=rng.choice(IMAGE_EPOCHS if kind == "image" else TEXT_EPOCHS),
-            rank=0 if kind == "image" else rank, alpha=0 if kind == "image" else rng.choice((rank, 2 * rank)),
-        ))
+        ids.append(new_name(root, declared))
+        models.append(_planned_child(rng, ids[-1], kind, root, classes, holdout, declared,
+                                     parent=ids[chains[i]] if i in chains else root, corruption=corrupt.get(i)))
     for _ in range(mess.outsiders):
         models.append(PlannedModel(new_name(None, False), "outsider", None, None, documented=False,
                                    lineage_declared=False, seed=rng.randrange(2**31)))
+    # Spares come from their own stream, so adding them (a resumed build of an older plan) leaves
+    # every other model of the plan as it was.
+    spare_rng = random.Random(f"probex-lake/{size}/{seed}/spares")
+    spare_name = _name_maker(spare_rng, taken={m.repo_id for m in models})
+    for c in _spread(spare_rng.sample(l6_classes, len(l6_classes)), spec.l6_spare):
+        models.append(_planned_child(spare_rng, spare_name(L6_ROOT, True), "l6", L6_ROOT, (c,), False, True,
+                                     parent=L6_ROOT, corruption=None))
     return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed)
+
+
+def _planned_child(rng: random.Random, repo_id: str, kind: str, root: str, classes: tuple, holdout: bool,
+                   declared: bool, parent: str, corruption: str | None) -> PlannedModel:
+    """One fine-tune's split and recipe, drawn from `rng` (in a fixed order: seeds give the same lake)."""
+    if holdout:
+        split = "holdout"
+    elif rng.random() < TEST_SHARE:
+        split = "test"
+    else:
+        split = "val" if is_val(repo_id) else "train"
+    rank = rng.choice(RANKS)
+    return PlannedModel(
+        repo_id, kind, root, parent=parent, classes=classes,
+        split=split, documented=split in ("train", "val"), lineage_declared=declared,
+        corruption=corruption, seed=rng.randrange(2**31),
+        lr=rng.choice(IMAGE_LRS if kind == "image" else TEXT_LRS),
+        epochs=rng.choice(IMAGE_EPOCHS if kind == "image" else TEXT_EPOCHS),
+        rank=0 if kind == "image" else rank, alpha=0 if kind == "image" else rng.choice((rank, 2 * rank)),
+    )
 
 
 def _class_pool(spec: SizeSpec, seed: int) -> list[wordnet.WordClass]:
