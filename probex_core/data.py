@@ -308,6 +308,31 @@ class LayerDataset:
         return torch.cat(out)
 
 
+    def second_moments(self, center: torch.Tensor | None = None, unit_rows: bool = False,
+                       chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_i Xc_i Xc_i^T (d_H, d_H) and sum_i Xc_i^T Xc_i (d_W, d_W), Xc = X - center, each row
+        at unit Frobenius norm when `unit_rows`. LoRA rows without center never form X:
+        X X^T = s^2 B (A A^T) B^T and X^T X = s^2 A^T (B^T B) A."""
+        left = torch.zeros(self.d_H, self.d_H)
+        right = torch.zeros(self.d_W, self.d_W)
+        for s in range(0, len(self), chunk):
+            b = self.batch(torch.arange(s, min(s + chunk, len(self))))
+            if b.is_lora and center is None:
+                w = b.scale ** 2
+                if unit_rows:
+                    g = (b.B.transpose(1, 2) @ b.B) * (b.A @ b.A.transpose(1, 2))
+                    w = 1.0 / g.sum(dim=(1, 2)).clamp_min(1e-24)  # s^2 cancels: 1 / ||B A||_F^2
+                left += torch.einsum("n,nhr,nrq,nkq->hk", w, b.B, b.A @ b.A.transpose(1, 2), b.B)
+                right += torch.einsum("n,nrw,nrq,nqv->wv", w, b.A, b.B.transpose(1, 2) @ b.B, b.A)
+                continue
+            X = b.dense() if center is None else b.dense() - center
+            if unit_rows:
+                X = X / X.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+            left += torch.einsum("nhw,nkw->hk", X, X)
+            right += torch.einsum("nhw,nhv->wv", X, X)
+        return left, right
+
+
 def concat_datasets(parts: Sequence[LayerDataset], *, tree: str = "*", layer: str | None = None
                     ) -> LayerDataset:
     """Stack datasets of equal layer shape, task and vocabulary (e.g. several trees' rows for a

@@ -48,6 +48,9 @@ class TrainConfig:
     min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
     time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
     text_probe: str | bool = "auto"  # text head: fuse the text probe; "auto": when d_W == text_dim
+    # Probes U and projection V: "data" (the tree's main update directions, see init_from_data),
+    # "random", or "auto": data for dense rows (measured gain), random for LoRA rows (none measured).
+    init: str = "auto"
     verbose: bool = False
 
     def resolved(self, head: str) -> "TrainConfig":
@@ -295,7 +298,28 @@ def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> P
     model = ProbeX(cfg)
     if mean is not None:
         model.input_mean.copy_(mean)
+    if tcfg.init not in ("auto", "data", "random"):
+        raise ValueError(f"init must be 'auto', 'data' or 'random', got {tcfg.init!r}")
+    if tcfg.init == "data" or (tcfg.init == "auto" and not train.is_lora):
+        init_from_data(model, train, mean, row_norm)
     return model
+
+
+@torch.no_grad()
+def init_from_data(model: ProbeX, train: LayerDataset, mean: torch.Tensor | None, row_norm: bool) -> None:
+    """Start the probes U on the directions the tree's (centred) updates use most on the input side,
+    and V on the output side: the top eigenvectors of sum X^T X and sum X X^T over the training
+    rows, unit columns. Random N(0, 1) probes spend most of a small tree's few hundred epochs
+    finding those directions: on the small lake's image tree (67 training models) this init moved
+    test accuracy 0.84 -> 0.87-0.88 and mAP 0.87 -> 0.92-0.95 over six runs, and stopped earlier.
+    On the LoRA trees it changed nothing beyond noise (L3 0.95-0.975, L6 in-distribution 0.76-0.88
+    vs 0.88), so "auto" keeps random probes there."""
+    left, right = train.second_moments(mean, unit_rows=row_norm)
+    for param, moment in ((model.U, right), (model.V, left)):
+        k = param.shape[1]
+        _, vecs = torch.linalg.eigh(moment)  # ascending eigenvalues
+        top = vecs.flip(1)[:, :k]  # (d, min(d, k))
+        param[:, :top.shape[1]] = top  # a layer narrower than k keeps random columns beyond it
 
 
 def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfig,

@@ -65,6 +65,22 @@ def test_lora_padding_is_exact():
     assert torch.allclose(ds.frobenius_norms(), X.flatten(1).norm(dim=1), rtol=1e-4)
 
 
+def test_second_moments_from_factors_equal_dense():
+    """sum X X^T and sum X^T X through the LoRA factors (never forming X) equal the dense sums,
+    with and without each row scaled to unit norm."""
+    ds = LayerDataset.from_rows(lora_rows(7, 10, 14, ranks=(3, 5)), tree="t", layer="l")
+    X = ds.batch().dense()
+    for unit in (False, True):
+        Xu = X / X.flatten(1).norm(dim=1)[:, None, None] if unit else X
+        left, right = ds.second_moments(unit_rows=unit)
+        assert torch.allclose(left, torch.einsum("nhw,nkw->hk", Xu, Xu), atol=1e-5)
+        assert torch.allclose(right, torch.einsum("nhw,nhv->wv", Xu, Xu), atol=1e-5)
+    center = X.mean(0)
+    left, _ = ds.second_moments(center)
+    Xc = X - center
+    assert torch.allclose(left, torch.einsum("nhw,nkw->hk", Xc, Xc), atol=1e-5)
+
+
 def test_conv_kernel_is_flattened():
     w = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
     ds = LayerDataset.from_rows([WeightRow("m/0", X=w)], tree="t", layer="conv")

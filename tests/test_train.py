@@ -65,6 +65,24 @@ def test_dense_rows_are_centred_and_learn():
     assert evaluate(res.model, te, "multilabel")["accuracy"] > 0.85
 
 
+def test_dense_probes_start_on_the_trees_main_directions():
+    """init "auto" on dense rows: U's columns are the top eigenvectors of sum Xc^T Xc (unit,
+    orthogonal), so the first probe already responds to the direction the updates use most."""
+    from probex_core.train import build_probex
+
+    tr = multilabel_split(60, 1, dense=True)
+    m = build_probex(tr, config_for(tr, **SMALL), fast())
+    U = m.U.detach()
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-4)
+    Xc = tr.X - tr.X.mean(0)
+    energy = torch.einsum("nhw,wk->nhk", Xc, U).pow(2).sum(dim=(0, 1))  # per probe, descending
+    assert (energy[:-1] >= energy[1:] - 1e-3).all() and energy[0] > 5 * energy[-1]
+    rnd = build_probex(tr, config_for(tr, **SMALL), fast(init="random"))
+    assert not torch.allclose(rnd.U.T @ rnd.U, torch.eye(U.shape[1]), atol=1e-1)
+    with pytest.raises(ValueError, match="init"):
+        build_probex(tr, config_for(tr, **SMALL), fast(init="pca"))
+
+
 def test_deterministic_for_a_seed(ml):
     tr, va, _ = ml
     runs = [train_expert(tr, va, config_for(tr, **SMALL), fast(max_epochs=4, patience=None, seed=3))
