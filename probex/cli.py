@@ -267,7 +267,7 @@ def render_eval(doc: dict) -> None:
         if "skipped" in r:
             rows.append([t, None, None, r["skipped"]] + [None] * 7)
             continue
-        for method in ("probex", "dense", "statnn"):
+        for method in ("probex", "probex_head_only", "dense", "statnn"):
             m = r.get(method)
             if m is None:
                 continue

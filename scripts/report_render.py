@@ -112,12 +112,15 @@ def train(doc: dict) -> list[str]:
     lines += [
              "Test split = the tree's undocumented test models; zero-shot = models of held-out classes, "
              "scored only against the held-out class names. Multi-label accuracy is over every "
-             "(model, class) entry at 0.5.", ""]
+             "(model, class) entry at 0.5. probex_head_only: the same expert with its text probe "
+             "off (the text head alone), to show what each part contributes.", ""]
     rows = []
     for t, r in ev["trees"].items():
         if "skipped" in r:
             continue
-        for m in ("probex", "dense", "statnn"):
+        for m in ("probex", "probex_head_only", "dense", "statnn"):
+            if m == "probex_head_only" and m not in r:
+                continue
             d = r.get(m) or {}
             rows.append([t, r["task"], r["layer"], m, r["n_train"], r["n_val"], r["n_test"], d.get("accuracy"),
                          d.get("map"), d.get("top1"), d.get("zeroshot_top1"), d.get("zeroshot_top5"),

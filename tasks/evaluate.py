@@ -8,6 +8,8 @@ only against the held-out classes' texts.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -118,6 +120,10 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
         "probex": {**_scores(expert.model, head, test, text_emb, heldout, heldout_emb),
                    "params": expert.model.n_params(), "train_seconds": expert.config.get("metrics", {}).get("train_seconds")},
     }
+    if expert.probex_config.text_probe:  # what the text head alone gives, for the report
+        head_only = copy.deepcopy(expert.model)
+        head_only.cfg = replace(head_only.cfg, text_probe=False)
+        report["probex_head_only"] = _scores(head_only, head, test, text_emb, heldout, heldout_emb)
     if not baselines:
         return report
     # The experts' device and threads; no time limit: Dense is not cut short to flatter ProbeX.
