@@ -354,7 +354,8 @@ def attach_text_probe(result: TrainResult, train: LayerDataset, val: LayerDatase
     """Fuse the text probe into a trained text-head expert (in place): M from the training rows,
     then the weights (a, b) of `a * head + b * response` by cross-entropy on the validation rows
     (the training rows when there are none: the head fits those, so b then stays small).
-    The head itself is not retrained; result.best_val becomes the fused model's validation."""
+    The head itself is not retrained; result.best_val becomes the fused model's validation (two
+    numbers fitted on those same rows: a small optimism, shared by every layer it compares)."""
     model: ProbeX = result.model
     t = torch.as_tensor(text_emb, dtype=torch.float32)
     with torch.no_grad():

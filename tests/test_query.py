@@ -41,3 +41,23 @@ def test_a_where_clause_narrows_the_search(q):
     first = q.nearest(v, t.tree_id, t.version, 1, ["repo_id"])["repo_id"][0].as_py()
     again = q.nearest(v, t.tree_id, t.version, 1, ["repo_id"], where=f"repo_id != '{first}'")
     assert again["repo_id"][0].as_py() != first
+
+
+def test_text_probe_trees_score_the_same_whole_or_from_vector_candidates(q, monkeypatch):
+    """A text-probe tree smaller than SCAN_ROWS is re-ranked whole; a larger one re-ranks its vector
+    candidates. When the candidates cover the tree (tiny lake: fewer models than the depth), both
+    plans must give the same models with the same fused, calibrated scores."""
+    t = next(t for t in q.trees().values() if t.head == "text")
+    assert t.probe  # the tiny lake's L6 layers take text-encoder-sized inputs: the probe is on
+    assert q._count(t.tree_id, t.version) <= query_mod.CANDIDATES_PER_TREE
+    whole = q.search("a domestic animal", k=5, tree=t.tree_id)
+    monkeypatch.setattr(query_mod, "SCAN_ROWS", 0)
+    candidates = q.search("a domestic animal", k=5, tree=t.tree_id)
+    assert whole["repo_id"].tolist() == candidates["repo_id"].tolist()
+    assert np.allclose(whole["score"], candidates["score"], atol=1e-6)
+    # every row carries its factor, and classify uses it: the scores are a distribution over labels
+    rows = [r for r in q.catalog.read("embeddings").to_pylist() if r["tree_id"] == t.tree_id]
+    cfg = t.expert.probex_config
+    assert all(len(r["probe_factor"]) == cfg.probe_rank * cfg.d_W for r in rows)
+    scores = q.classify(rows[0]["repo_id"], ["dog", "vehicle", "fruit"])["score"]
+    assert abs(float(scores.sum()) - 1.0) < 1e-5
