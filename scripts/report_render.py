@@ -176,8 +176,7 @@ def gpu(doc: dict) -> list[str]:
     out = ["## Training on CUDA", _machine(doc), ""]
     if "runs" not in doc:  # older record: the script's raw output
         return out + ["```", doc.get("log", "").strip(), "```"]
-    out += [f"{doc['how']}; torch {doc['torch']}. The L6 tree is the small lake's (its chosen layer, "
-            "LoRA rows); dense 320x1152 is a synthetic multi-label tree of the image layer's shape, "
+    out += [f"{doc['how']}; torch {doc['torch']}. The L6 tree has LoRA rows; dense 320x1152 is a synthetic multi-label tree of the image layer's shape, "
             "100 epochs. The first CUDA run includes CUDA's lazy loading of each kernel.", "",
             "| run | job | seconds | epochs | test top1 | zs top1 | zs top5 | val acc |", "|---|---|---|---|---|---|---|---|"]
     for run, jobs in doc["runs"].items():
