@@ -113,8 +113,8 @@ def weight_statistics(ds: LayerDataset, chunk: int = 32, power_iters: int = 30) 
     """(n, 9) float32 features of each row's X, in STAT_NAMES order (computed on the CPU)."""
     ds = ds.to("cpu")
     out = []
-    for s in range(0, len(ds), chunk):
-        X = ds.batch(torch.arange(s, min(s + chunk, len(ds)))).dense().double()  # (c, d_H, d_W)
+    for b in ds.batches(chunk):
+        X = b.dense().double()  # (c, d_H, d_W)
         flat = X.flatten(1)
         srt = flat.sort(dim=1).values
         N = srt.shape[1]

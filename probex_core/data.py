@@ -18,7 +18,7 @@ Bad input raises a typed `ExpertError` naming the tree / layer / model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -258,6 +258,11 @@ class LayerDataset:
         return WeightBatch(X=pick(self.X), A=pick(self.A), B=pick(self.B), scale=pick(self.scale),
                            y=pick(self.y), index=idx)
 
+    def batches(self, size: int = 256) -> Iterator[WeightBatch]:
+        """Every row in order, `size` rows a batch: memory bounded by one batch's dense rows."""
+        for s in range(0, len(self), size):
+            yield self.batch(torch.arange(s, min(s + size, len(self))))
+
     def subset(self, idx) -> "LayerDataset":
         idx = torch.as_tensor(idx, dtype=torch.long)
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
@@ -288,8 +293,8 @@ class LayerDataset:
     def mean_matrix(self, chunk: int = 64) -> torch.Tensor:
         """Mean of X over rows (d_H, d_W); formed chunk by chunk for LoRA rows."""
         total = torch.zeros(self.d_H, self.d_W, device=(self.X if self.X is not None else self.A).device)
-        for s in range(0, len(self), chunk):
-            total += self.batch(torch.arange(s, min(s + chunk, len(self)))).dense().sum(0)
+        for b in self.batches(chunk):
+            total += b.dense().sum(0)
         return total / len(self)
 
     def frobenius_norms(self, center: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,11 +306,7 @@ class LayerDataset:
             # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)), both r x r
             g = (self.B.transpose(1, 2) @ self.B) * (self.A @ self.A.transpose(1, 2))
             return self.scale.abs() * g.sum(dim=(1, 2)).clamp_min(0).sqrt()
-        out = []
-        for s in range(0, len(self), 64):
-            Xb = self.batch(torch.arange(s, min(s + 64, len(self)))).dense() - center
-            out.append(Xb.flatten(1).norm(dim=1))
-        return torch.cat(out)
+        return torch.cat([(b.dense() - center).flatten(1).norm(dim=1) for b in self.batches(64)])
 
 
     def second_moments(self, center: torch.Tensor | None = None, unit_rows: bool = False,
@@ -315,8 +316,7 @@ class LayerDataset:
         X X^T = s^2 B (A A^T) B^T and X^T X = s^2 A^T (B^T B) A."""
         left = torch.zeros(self.d_H, self.d_H)
         right = torch.zeros(self.d_W, self.d_W)
-        for s in range(0, len(self), chunk):
-            b = self.batch(torch.arange(s, min(s + chunk, len(self))))
+        for b in self.batches(chunk):
             if b.is_lora and center is None:
                 w = b.scale ** 2
                 if unit_rows:

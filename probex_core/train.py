@@ -342,8 +342,7 @@ def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfi
 def _probe_parts(model: ProbeX, ds: LayerDataset, text_emb: torch.Tensor, chunk: int = 256):
     """Head logits and text-probe responses of every row against the class texts: (n, k) each."""
     heads, resps = [], []
-    for s in range(0, len(ds), chunk):
-        b = ds.batch(torch.arange(s, min(s + chunk, len(ds))))
+    for b in ds.batches(chunk):
         heads.append(model.out(model.encode(b), text_emb))
         resps.append(model.text_response(model.probe_factor(b), text_emb))
     return torch.cat(heads), torch.cat(resps)
@@ -360,8 +359,8 @@ def attach_text_probe(result: TrainResult, train: LayerDataset, val: LayerDatase
     t = torch.as_tensor(text_emb, dtype=torch.float32)
     with torch.no_grad():
         moment = torch.zeros(train.d_W, train.d_W)
-        for s in range(0, len(train), 256):
-            F_ = model.probe_factor(train.batch(torch.arange(s, min(s + 256, len(train)))))
+        for b in train.batches():
+            F_ = model.probe_factor(b)
             moment += torch.einsum("nmi,nmj->ij", F_, F_)  # sum of X^T X^ over the rows
         moment /= len(train)
     model.enable_text_probe(moment, 1.0, 0.0)

@@ -239,20 +239,24 @@ class CatalogQuery:
             self._lance = self.table.to_lance()
         return self._lance
 
-    def _count(self, tree_id: str, version: str) -> int:
-        """Rows of one tree's current version (counted once per snapshot)."""
+    @property
+    def _row_counts(self) -> dict[tuple[str, str], int]:
+        """(tree, expert version) -> rows, counted once per snapshot."""
         if self._counts is None:
             counts = (self.lance.to_table(columns=["tree_id", "expert_version"])
                       .group_by(["tree_id", "expert_version"]).aggregate([([], "count_all")]))
             self._counts = {(t, v): n for t, v, n in zip(counts["tree_id"].to_pylist(),
                                                          counts["expert_version"].to_pylist(),
                                                          counts["count_all"].to_pylist())}
-        return self._counts.get((tree_id, version), 0)
+        return self._counts
+
+    def _count(self, tree_id: str, version: str) -> int:
+        """Rows of one tree's current version."""
+        return self._row_counts.get((tree_id, version), 0)
 
     def _share(self, tree_id: str, version: str) -> float:
         """Share of the table's rows in one tree's current version."""
-        self._count(tree_id, version)
-        return self._counts.get((tree_id, version), 0) / max(1, sum(self._counts.values()))
+        return self._count(tree_id, version) / max(1, sum(self._row_counts.values()))
 
     @staticmethod
     def _factors(t: _Tree, found: pa.Table | list) -> torch.Tensor | None:

@@ -78,8 +78,7 @@ def probe_factors(expert: LoadedExpert, ds, chunk: int = 256):
     if not expert.probex_config.text_probe:
         return None
     with torch.no_grad():
-        return torch.cat([expert.model.probe_factor(ds.batch(torch.arange(s, min(s + chunk, len(ds)))))
-                          for s in range(0, len(ds), chunk)])
+        return torch.cat([expert.model.probe_factor(b) for b in ds.batches(chunk)])
 
 
 def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id: str,

@@ -9,7 +9,6 @@ only against the held-out classes' texts.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, replace
 from pathlib import Path
 
