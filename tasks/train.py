@@ -19,7 +19,7 @@ from probex_core.checkpoint import current_version, load_expert, save_expert, tr
 from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, WeightRow
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
-from probex_core.train import TrainConfig, choose_layer, selection_key
+from probex_core.train import TrainConfig, choose_layer, probex_trainer, refit, selection_key
 from storage.catalog import Catalog
 from storage.shards import layers_of, read_layer
 
@@ -193,14 +193,15 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
         import torch
 
         text_emb = torch.as_tensor(encoder.encode_classes(any_train.classes))
-    choice = choose_layer(data, model_kwargs(labels.task, None if text_emb is None else text_emb.shape[1]),
-                          tcfg, text_emb=text_emb, strategies=strategies)
-    best = choice.best
+    kw = model_kwargs(labels.task, None if text_emb is None else text_emb.shape[1])
+    choice = choose_layer(data, kw, tcfg, text_emb=text_emb, strategies=strategies)
     train, val = data[choice.layer]
+    best = refit(probex_trainer(kw, text_emb), choice.best, train, val, tcfg, choice.best.config.head)
     report.layer, report.layer_choice = choice.layer, choice.summary()
     report.n_train, report.n_val = len(train), len(val)
     report.val, report.params = best.best_val, best.n_params
-    report.train_seconds = sum(r.seconds for r in choice.results.values())
+    # every full run of the layer choice, plus the refit on training + validation rows
+    report.train_seconds = sum(r.seconds for r in choice.results.values()) + best.seconds - choice.best.seconds
 
     folder = tree_dir(experts, tree_id)
     prev = current_version(folder)
@@ -211,7 +212,7 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     path = save_expert(experts, tree_id, best.model, layer=choice.layer, labels=list(train.classes),
                        text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
                        metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
-                       info={"task": report.task, "n_train": len(train), "n_val": len(val),
+                       info={"task": report.task, "n_train": len(train), "n_val": len(val), "refit": best.refit,
                              "layer_choice": choice.summary()}, make_current=promote)
     report.version, report.promoted = path.name, promote
     if promote:

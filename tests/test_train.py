@@ -8,7 +8,7 @@ import torch
 from probex_core.data import (EmptyDatasetError, ExpertError, LayerDataset, NonFiniteError,
                               ShapeMismatchError, VocabularyError, WeightRow, synthetic_rows)
 from probex_core.train import (TrainConfig, choose_layer, config_for, embed, evaluate,
-                               evaluate_zeroshot, train_expert)
+                               evaluate_zeroshot, probex_trainer, refit, train_expert)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,6 +55,33 @@ def test_multilabel_learns(ml):
         assert res.config.input_scale == pytest.approx(float(tr.frobenius_norms().mean()), rel=1e-5)
     assert res.config.centered is False  # LoRA rows: no centring by default
     assert embed(res.model, te).shape == (80, 32)
+
+
+def test_multilabel_refit_learns_from_validation_models_too(ml):
+    """The final multi-label expert is trained again on training + validation rows for the epochs
+    validation chose, and keeps the validation figures of the run that chose them."""
+    tr, va, te = ml
+    calls = []
+
+    def spy(train, val, tcfg):
+        calls.append((len(train), val, tcfg.max_epochs, tcfg.patience))
+        return probex_trainer(SMALL)(train, val, tcfg)
+
+    tcfg = fast()
+    first = spy(tr, va, tcfg)
+    final = refit(spy, first, tr, va, tcfg, "multilabel")
+    assert calls[1] == (len(tr) + len(va), None, first.best_epoch, None)
+    assert final.refit and not first.refit
+    assert final.best_val == first.best_val and final.best_epoch == first.best_epoch
+    assert final.seconds > first.seconds
+    assert evaluate(final.model, te, "multilabel")["accuracy"] > 0.85
+    # the text head keeps its held-out validation rows (its fused expert is weighed on them);
+    # refit=False turns it off for either head
+    assert refit(spy, first, tr, va, tcfg, "text") is first
+    assert refit(spy, first, tr, va, fast(refit=False), "multilabel") is first
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="refit must be"):
+        refit(spy, first, tr, va, fast(refit="yes"), "multilabel")
 
 
 def test_dense_rows_are_centred_and_learn():
