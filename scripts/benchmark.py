@@ -296,6 +296,47 @@ def bench_train(size: str = "small", sweep: bool = True, baselines: bool = True)
                 "sweep": sweep, "train": trained, "eval": evaluated})
 
 
+def bench_seeds(seeds: int = 5) -> None:
+    """How much of the ProbeX / Dense / StatNN gap on each multi-label tree is the seed: each method
+    trained `seeds` times (seeds 0..n-1, same splits, layer and protocol as `probex train`/`eval`,
+    refit included) on the `train` section's home; test accuracy and mAP per seed. The test splits
+    are small (18 and 8 models x 10 classes), so one entry moves accuracy by 0.006 and 0.013."""
+    import dataclasses
+
+    from probex_core.baselines import train_dense, train_statnn
+    from probex_core.train import evaluate, probex_trainer, refit
+    from probex.config import Settings
+    from tasks.evaluate import load_ground_truth, tree_splits
+    from tasks.pipeline import catalog_for, tree_ids
+    from tasks.train import default_train_config, model_kwargs
+
+    s = Settings.load(BENCH / "train")
+    catalog = catalog_for(s, create=False)
+    gt = load_ground_truth(s.lake)
+    out = {"seeds": seeds, "trees": {}}
+    for tree in tree_ids(catalog):
+        sp = tree_splits(catalog, s.shards, str(s.experts), tree, gt)
+        if sp is None or sp.task != "multilabel":
+            continue
+        base = default_train_config(sp.train.is_lora, "cpu")
+        trainers = {"probex": (probex_trainer(model_kwargs("multilabel", None)), base),
+                    "dense": (lambda a, b, c: train_dense(a, b, c, head="multilabel"), dataclasses.replace(base, time_limit_s=None)),
+                    "statnn": (lambda a, b, c: train_statnn(a, b, c, head="multilabel"), dataclasses.replace(base, time_limit_s=None))}
+        per = {}
+        for name, (trainer, tcfg) in trainers.items():
+            runs = []
+            for seed in range(seeds):
+                tc = dataclasses.replace(tcfg, seed=seed)
+                res = refit(trainer, trainer(sp.train, sp.val, tc), sp.train, sp.val, tc, "multilabel")
+                m = evaluate(res.model, sp.test, "multilabel")
+                runs.append({"seed": seed, "accuracy": m["accuracy"], "map": m["map"], "seconds": res.seconds})
+                print(f"[bench] seeds {tree} {name} {runs[-1]}", file=sys.stderr)
+            per[name] = runs
+        out["trees"][tree] = {"layer": sp.train.layer, "n_train": len(sp.train), "n_val": len(sp.val),
+                              "n_test": len(sp.test), "runs": per}
+    save("seeds", out)
+
+
 def bench_query() -> None:
     import pyarrow.parquet as pq
 
@@ -412,7 +453,7 @@ def bench_fresh_clone() -> None:
 
 SECTIONS = {"lake": None, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
-            "train_full_baselines": lambda: bench_train("full"), "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
+            "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
 
 # --- the report -------------------------------------------------------------------------------

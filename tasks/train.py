@@ -130,6 +130,7 @@ class TreeTrainReport:
     layer_choice: dict = field(default_factory=dict)
     params: int = 0
     train_seconds: float = 0.0
+    refit: bool = False  # trained again on training + validation rows once validation chose the epochs
     skipped: str | None = None  # why the tree got no expert
 
     def to_dict(self) -> dict:
@@ -199,7 +200,7 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     best = refit(probex_trainer(kw, text_emb), choice.best, train, val, tcfg, choice.best.config.head)
     report.layer, report.layer_choice = choice.layer, choice.summary()
     report.n_train, report.n_val = len(train), len(val)
-    report.val, report.params = best.best_val, best.n_params
+    report.val, report.params, report.refit = best.best_val, best.n_params, best.refit
     # every full run of the layer choice, plus the refit on training + validation rows
     report.train_seconds = sum(r.seconds for r in choice.results.values()) + best.seconds - choice.best.seconds
 
