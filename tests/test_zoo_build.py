@@ -154,6 +154,24 @@ def test_plan_is_deterministic():
     assert len(children) >= 300 and len(small.l6_classes) >= 40 and len(small.l6_holdout) >= 20
 
 
+def test_extra_children_leave_the_rest_of_the_plan_as_it_was(monkeypatch):
+    """Spare L6 and extra L3 children come from their own random streams: a lake built from the
+    plan without them resumes into the plan with them by adding only them."""
+    import dataclasses
+
+    import zoo.build as build
+
+    full, spec = make_plan("small", 0), SIZES["small"]
+    monkeypatch.setitem(build.SIZES, "small", dataclasses.replace(SIZES["small"], l3_extra=0, l6_spare=0))
+    without = make_plan("small", 0)
+    added = full.models[len(without.models):]
+    assert full.models[:len(without.models)] == without.models
+    assert len(added) == spec.l3_extra + spec.l6_spare and spec.l3_extra > 0
+    assert all(m.kind == "l3" and len(m.classes) == len(full.l3_pool) // 2 and m.parent == m.root for m in added
+               if m.root == build.L3_ROOT)
+    assert len({m.repo_id for m in full.models}) == len(full.models)
+
+
 def test_bad_input(tmp_path, tiny_lake, monkeypatch):
     with pytest.raises(ZooError, match="unknown lake size"):
         build_lake(tmp_path / "a", "huge")
