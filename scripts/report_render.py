@@ -115,6 +115,9 @@ def train(doc: dict) -> list[str]:
              "(model, class) entry at 0.5. probex_head_only: the same expert with its text probe "
              "off (the text head alone), to show what each part contributes.", ""]
     refit = [t for t, r in tr["trees"].items() if r.get("refit")]
+    if not any("refit" in r for r in tr["trees"].values()):
+        lines += ["Measured before the refit existed: every expert, Dense and StatNN here was trained on the "
+                  "training rows alone, validation only choosing the epoch.", ""]
     if refit:
         lines += ["Multi-label trees (" + ", ".join(refit) + "): validation picks the epoch count, then the "
                   "expert is trained again from scratch on training + validation rows for that many epochs; "
