@@ -416,6 +416,12 @@ def refit(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], Tr
                                refit=True)
 
 
+def train_final(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], TrainResult],
+                train: LayerDataset, val: LayerDataset | None, tcfg: TrainConfig, head: str) -> TrainResult:
+    """The protocol every compared method follows: `trainer` on (train, val), then `refit`."""
+    return refit(trainer, trainer(train, val, tcfg), train, val, tcfg, head)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layer choice
 

@@ -300,11 +300,11 @@ def bench_seeds(seeds: int = 5) -> None:
     """How much of the ProbeX / Dense / StatNN gap on each multi-label tree is the seed: each method
     trained `seeds` times (seeds 0..n-1, same splits, layer and protocol as `probex train`/`eval`,
     refit included) on the `train` section's home; test accuracy and mAP per seed. The test splits
-    are small (18 and 8 models x 10 classes), so one entry moves accuracy by 0.006 and 0.013."""
+    are small (tens of models x 10 classes), so one (model, class) entry moves accuracy by about 0.005."""
     import dataclasses
 
     from probex_core.baselines import train_dense, train_statnn
-    from probex_core.train import evaluate, probex_trainer, refit
+    from probex_core.train import evaluate, probex_trainer, train_final
     from probex.config import Settings
     from tasks.evaluate import load_ground_truth, tree_splits
     from tasks.pipeline import catalog_for, tree_ids
@@ -327,7 +327,7 @@ def bench_seeds(seeds: int = 5) -> None:
             runs = []
             for seed in range(seeds):
                 tc = dataclasses.replace(tcfg, seed=seed)
-                res = refit(trainer, trainer(sp.train, sp.val, tc), sp.train, sp.val, tc, "multilabel")
+                res = train_final(trainer, sp.train, sp.val, tc, "multilabel")
                 m = evaluate(res.model, sp.test, "multilabel")
                 runs.append({"seed": seed, "accuracy": m["accuracy"], "map": m["map"], "seconds": res.seconds})
                 print(f"[bench] seeds {tree} {name} {runs[-1]}", file=sys.stderr)

@@ -19,7 +19,7 @@ from probex_core.baselines import cross_tree_experiment, train_dense, train_stat
 from probex_core.checkpoint import load_current
 from probex_core.data import LayerDataset
 from probex_core.errors import ProbexError
-from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot, refit
+from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot, train_final
 from storage.catalog import Catalog
 from tasks.train import default_train_config, load_rows, model_kwargs, split_datasets, tree_labels
 
@@ -132,7 +132,7 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
         def train_one(tr, va, tc, trainer=trainer):
             return trainer(tr, va, tc, head=head, text_emb=text_emb, r_T=r_T)
         # the same protocol as the expert: validation picks the epochs, then a refit on train + val
-        res = refit(train_one, train_one(train, val, tcfg), train, val, tcfg, head)
+        res = train_final(train_one, train, val, tcfg, head)
         report[name] = {**_scores(res.model, head, test, text_emb, heldout, heldout_emb),
                         "params": res.n_params, "train_seconds": round(res.seconds, 2)}
     return report
