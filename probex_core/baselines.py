@@ -142,6 +142,12 @@ class FeatureBatch:
     def __len__(self) -> int:
         return self.feats.shape[0]
 
+    def mixed(self, lam: torch.Tensor, perm: torch.Tensor, unit: bool = False) -> "FeatureBatch":
+        """Mixup in feature space (WeightBatch.mixed's counterpart; `unit` does not apply)."""
+        mix = lambda t: None if t is None else (  # noqa: E731
+            lam.view(-1, *[1] * (t.dim() - 1)) * t + (1 - lam.view(-1, *[1] * (t.dim() - 1))) * t[perm])
+        return FeatureBatch(mix(self.feats), mix(self.y))
+
 
 @dataclass
 class FeatureSet:

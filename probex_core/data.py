@@ -99,6 +99,32 @@ class WeightBatch:
         return WeightBatch(mv(self.X), mv(self.A), mv(self.B), mv(self.scale), mv(self.y),
                            mv(self.index))
 
+    def frobenius_norms(self) -> torch.Tensor:
+        """||X_i||_F per row (n,). LoRA: ||s B A||_F^2 = s^2 sum((B^T B) * (A A^T)), r x r only."""
+        if self.X is not None:
+            return self.X.flatten(1).norm(dim=1)
+        g = (self.B.transpose(1, 2) @ self.B) * (self.A @ self.A.transpose(1, 2))  # (n, r, r)
+        return self.scale.abs() * g.sum(dim=(1, 2)).clamp_min(0).sqrt()
+
+    def mixed(self, lam: torch.Tensor, perm: torch.Tensor, unit: bool = False) -> "WeightBatch":
+        """Weight-space mixup: row i becomes lam_i X_i + (1 - lam_i) X_perm(i), its targets the same
+        mix of both rows' targets (multi-label). `unit`: each row at unit Frobenius norm first (for
+        models that divide rows by their own norm, so lam weighs directions, not sizes). LoRA rows
+        stay factored: [lam s B_i, (1-lam) s' B_j] @ [A_i; A_j], rank r_i + r_j.
+        lam (n,), perm (n,) LongTensor."""
+        w = torch.ones(len(self), device=lam.device)
+        if unit:
+            w = 1 / self.frobenius_norms().clamp_min(1e-24)
+        a, b = lam * w, (1 - lam) * w[perm]  # (n,) each
+        y = None if self.y is None else lam[:, None] * self.y + (1 - lam[:, None]) * self.y[perm]
+        if self.X is not None:
+            X = a[:, None, None] * self.X + b[:, None, None] * self.X[perm]
+            return WeightBatch(X=X, y=y, index=self.index)
+        s = self.scale
+        B = torch.cat([(a * s)[:, None, None] * self.B, (b * s[perm])[:, None, None] * self.B[perm]], 2)
+        A = torch.cat([self.A, self.A[perm]], 1)  # (n, 2r, d_W)
+        return WeightBatch(A=A, B=B, scale=torch.ones_like(s), y=y, index=self.index)
+
     def dense(self) -> torch.Tensor:
         """X (n, d_H, d_W), formed from the factors when needed (baselines only)."""
         if self.X is not None:
@@ -299,13 +325,10 @@ class LayerDataset:
 
     def frobenius_norms(self, center: torch.Tensor | None = None) -> torch.Tensor:
         """||X_i - center||_F per row (n,). LoRA without center: via r x r Gram matrices."""
-        if self.X is not None:
-            Xc = self.X if center is None else self.X - center
-            return Xc.flatten(1).norm(dim=1)
         if center is None:
-            # ||s B A||_F^2 = s^2 tr((B^T B)(A A^T)), both r x r
-            g = (self.B.transpose(1, 2) @ self.B) * (self.A @ self.A.transpose(1, 2))
-            return self.scale.abs() * g.sum(dim=(1, 2)).clamp_min(0).sqrt()
+            return self.batch().frobenius_norms()
+        if self.X is not None:
+            return (self.X - center).flatten(1).norm(dim=1)
         return torch.cat([(b.dense() - center).flatten(1).norm(dim=1) for b in self.batches(64)])
 
 

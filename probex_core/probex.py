@@ -179,17 +179,10 @@ class ProbeX(nn.Module):
         return F.relu(pre / self.cfg.input_scale)
 
     def row_norms(self, batch: WeightBatch) -> torch.Tensor:
-        """||X - M||_F per row (n,). LoRA: ||s B A||_F^2 = s^2 sum((B^T B) * (A A^T)), r x r only."""
-        if batch.is_lora and self.input_mean is None:
-            BtB = batch.B.transpose(1, 2) @ batch.B  # (n, r, r)
-            AAt = batch.A @ batch.A.transpose(1, 2)  # (n, r, r)
-            sq = batch.scale ** 2 * (BtB * AAt).sum(dim=(1, 2))
-        else:
-            X = batch.dense() if batch.is_lora else batch.X
-            if self.input_mean is not None:
-                X = X - self.input_mean
-            sq = (X * X).sum(dim=(1, 2))
-        return sq.clamp_min(1e-24).sqrt()
+        """||X - M||_F per row (n,); LoRA rows without M stay factored (WeightBatch.frobenius_norms)."""
+        if self.input_mean is None:
+            return batch.frobenius_norms().clamp_min(1e-12)
+        return (batch.dense() - self.input_mean).flatten(1).norm(dim=1).clamp_min(1e-12)
 
     def encode(self, batch: WeightBatch) -> torch.Tensor:
         """The model's representation e (n, r_T); L2-normalised for the text head."""

@@ -8,19 +8,13 @@ from probex_core.baselines import (STAT_NAMES, DenseConfig, DenseExpert, cross_t
                                    dense_param_count, train_dense, train_statnn, weight_statistics)
 from probex_core.data import LayerDataset, WeightRow
 from probex_core.probex import ProbeXConfig, probex_param_count
-from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot
+from probex_core.train import evaluate, evaluate_zeroshot
 
-from test_train import multilabel_split, text_tree
+from test_train import fast, multilabel_split, text_tree
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-def fast(**kw):
-    base = dict(max_epochs=60, patience=15, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def test_param_counts_384_10():

@@ -180,3 +180,24 @@ def test_text_probe_needs_a_text_sized_layer():
         ProbeXConfig(d_H=12, d_W=10, head="text", text_dim=16, text_probe=True)
     with pytest.raises(ValueError, match="text head"):
         ProbeXConfig(d_H=12, d_W=10, head="multilabel", n_outputs=3, text_dim=10, text_probe=True)
+
+
+@pytest.mark.parametrize("unit", [False, True])
+def test_mixup_mixes_rows_and_targets_and_keeps_lora_factored(unit):
+    """Weight-space mixup: row i becomes lam_i X_i + (1 - lam_i) X_perm(i) (each at unit norm
+    first when `unit`), targets alike; LoRA rows come back as factors of rank r_i + r_j."""
+    ds = LayerDataset.from_rows(lora_rows(6, 10, 14, scale=0.7), tree="t", layer="l")
+    b = ds.batch()
+    b.y = torch.rand(6, 3)
+    lam, perm = torch.rand(6), torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    X = b.dense()
+    assert torch.allclose(b.frobenius_norms(), X.flatten(1).norm(dim=1), atol=1e-5)
+    if unit:
+        X = X / X.flatten(1).norm(dim=1)[:, None, None]
+    want = lam[:, None, None] * X + (1 - lam[:, None, None]) * X[perm]
+    m = b.mixed(lam, perm, unit=unit)
+    assert m.is_lora and m.A.shape == (6, 2 * ds.rank, 14)
+    assert torch.allclose(m.dense(), want, atol=1e-5)
+    assert torch.allclose(m.y, lam[:, None] * b.y + (1 - lam[:, None]) * b.y[perm])
+    d = WeightBatch(X=b.dense(), y=b.y).mixed(lam, perm, unit=unit)
+    assert d.X is not None and torch.allclose(d.X, want, atol=1e-5)
