@@ -15,13 +15,6 @@ from tasks.pipeline import eval_step
 EXAMPLES_PER_TREE = 2
 
 
-def lake_ready(lake) -> bool:
-    import json
-
-    manifest = lake / "_lake.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("finished", False)
-
-
 def example_queries(gt_path, per_tree: int = EXAMPLES_PER_TREE) -> list[tuple[str, str, str]]:
     """(query, tree, why) pairs: held-out classes first (zero-shot), then training classes."""
     import pyarrow.parquet as pq
@@ -44,10 +37,12 @@ def example_queries(gt_path, per_tree: int = EXAMPLES_PER_TREE) -> list[tuple[st
 
 @flow(name="demo", log_prints=True)
 def demo(size: str = "small", home: str | None = None) -> dict:
+    from zoo.build import lake_is_complete  # here, as in flows.lake: the zoo imports torch
+
     s = settings(home)
     stages = {}
     t = time.perf_counter()
-    lake = build_lake(size=size, seed=0, home=home) if not lake_ready(s.lake) else None
+    lake = build_lake(size=size, seed=0, home=home) if not lake_is_complete(s.lake) else None
     stages["build lake"] = time.perf_counter() - t
     t = time.perf_counter()
     ingested = ingest(source=str(s.lake), home=home)

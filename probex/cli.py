@@ -8,6 +8,7 @@ user mistake exits non-zero with one line that says what to do.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,9 +50,25 @@ def run_command(fn: Callable[[], object]) -> object:
         raise typer.Exit(130)
 
 
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def to_json(doc: dict) -> str:
+    """Strict JSON, which jq and scheduled jobs in any language read: a NaN (e.g. the mAP of a test
+    split where no class is both present and absent) is written as null."""
+    return json.dumps(_finite(doc), indent=2, default=str, allow_nan=False)
+
+
 def emit(doc: dict, as_json: bool, render: Callable[[dict], None]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+        sys.stdout.write(to_json(doc) + "\n")
     else:
         render(doc)
 

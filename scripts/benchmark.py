@@ -54,11 +54,10 @@ def lake_path(size: str) -> Path:
 
 
 def ensure_lake(size: str) -> Path:
-    from zoo.build import build_lake
+    from zoo.build import build_lake, lake_is_complete
 
     out = lake_path(size)
-    manifest = out / "_lake.json"
-    if not (manifest.exists() and json.loads(manifest.read_text()).get("finished")):
+    if not lake_is_complete(out):
         build_lake(out, size, seed=0, progress=True)
     return out
 

@@ -115,6 +115,7 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
         "task": "zeroshot" if head == "text" else "multilabel", "layer": layer,
         "n_train": len(train), "n_val": len(val), "n_test": 0 if test is None else len(test),
         "n_holdout": 0 if heldout is None else len(heldout),
+        "n_classes": len(train.classes),  # the expert's label vocabulary (training classes)
         "layer_choice": info.get("layer_choice"),
         "probex": {**_scores(expert.model, head, test, text_emb, heldout, heldout_emb),
                    "params": expert.model.n_params(), "train_seconds": expert.config.get("metrics", {}).get("train_seconds")},

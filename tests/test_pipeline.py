@@ -116,3 +116,38 @@ def test_filter_columns_get_bitmap_indexes_replacing_an_old_btree(tiny_home, tmp
     for i in table.list_indices():
         on.setdefault(i.columns[0], []).append(i.index_type)
     assert all(on[c] == ["Bitmap"] for c in FILTER_COLUMNS)
+
+
+def test_eval_json_has_the_shape_scheduled_jobs_read(tiny_home):
+    """`probex eval --json`: per tree its task, layer, split sizes and, for ProbeX, Dense and StatNN,
+    the task's metrics only (multi-label: accuracy + mAP; zero-shot: top-1 + zero-shot top-1/5 with
+    the held-out class count), parameters and training seconds; then the cross-tree experiment."""
+    from probex.cli import to_json
+    from tasks.pipeline import eval_step
+
+    def strict(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    s, _ = tiny_home
+    doc = json.loads(to_json(eval_step(s)), parse_constant=strict)  # exactly what --json prints
+    per_task = {"multilabel": {"accuracy", "map"},
+                "zeroshot": {"top1", "zeroshot_top1", "zeroshot_top5", "n_zeroshot_classes"}}
+    assert set(doc["trees"]) == {"sentence-transformers/all-MiniLM-L6-v2", "efficientnet/efficientnet-lite0",
+                                 "sentence-transformers/paraphrase-MiniLM-L3-v2"}
+    for tree_id, r in doc["trees"].items():
+        assert r["task"] in per_task and r["layer"], tree_id
+        assert r["n_train"] >= 4 and r["n_val"] >= 1 and r["n_test"] >= 1 and r["n_classes"] >= 2
+        other = set().union(*per_task.values()) - per_task[r["task"]]
+        for method in ("probex", "dense", "statnn"):
+            m = r[method]
+            assert per_task[r["task"]] | {"params", "train_seconds"} <= set(m), (tree_id, method)
+            assert not other & set(m), (tree_id, method)  # keys of the other task are omitted
+            # None: undefined on this split (mAP when no class is both present and absent in it)
+            assert all(m[k] is None or 0.0 <= m[k] <= 1.0 for k in per_task[r["task"]]
+                       if k != "n_zeroshot_classes"), (tree_id, method, m)
+        assert r["probex"]["params"] * 10 <= r["dense"]["params"], tree_id
+    zs = doc["trees"]["sentence-transformers/all-MiniLM-L6-v2"]["probex"]
+    assert zs["n_zeroshot_classes"] >= 2
+    for tree_id, c in doc["cross_tree"]["trees"].items():
+        assert doc["trees"][tree_id]["task"] == "multilabel"
+        assert {"accuracy", "map"} <= set(c["single"]) and {"accuracy", "map"} <= set(c["expert"])

@@ -164,12 +164,43 @@ def test_extra_children_leave_the_rest_of_the_plan_as_it_was(monkeypatch):
     full, spec = make_plan("small", 0), SIZES["small"]
     monkeypatch.setitem(build.SIZES, "small", dataclasses.replace(SIZES["small"], l3_extra=0, l6_spare=0))
     without = make_plan("small", 0)
-    added = full.models[len(without.models):]
-    assert full.models[:len(without.models)] == without.models
+    in_full = {m.repo_id: m for m in full.models}
+    assert all(in_full.get(m.repo_id) == m for m in without.models)
+    added = [m for m in full.models if m.repo_id not in {w.repo_id for w in without.models}]
     assert len(added) == spec.l3_extra + spec.l6_spare and spec.l3_extra > 0
     assert all(m.kind == "l3" and len(m.classes) == len(full.l3_pool) // 2 and m.parent == m.root for m in added
                if m.root == build.L3_ROOT)
     assert len({m.repo_id for m in full.models}) == len(full.models)
+
+
+def test_every_l6_training_class_has_a_documented_child():
+    """Labels come only from documented models: a training class whose children were all drawn
+    undocumented could never be learned, so the plan adds one documented child for it."""
+    for size in SIZES:
+        plan = make_plan(size, 0)
+        documented = {m.classes[0] for m in plan.models if m.kind == "l6" and m.documented}
+        assert set(plan.l6_classes) <= documented, size
+    small = make_plan("small", 0)
+    # seed 0's small lake drew two such classes; each gets exactly one extra, documented child
+    extra = [m for m in small.models[-2:] if m.kind == "l6"]
+    assert len(extra) == 2 and all(m.documented and m.split in ("train", "val") for m in extra)
+
+
+def test_a_lake_finished_before_its_plan_grew_reads_as_incomplete(tiny_lake, tmp_path):
+    import json
+    import shutil
+
+    from zoo.build import lake_is_complete
+
+    assert lake_is_complete(tiny_lake)
+    copy = tmp_path / "lake"
+    shutil.copytree(tiny_lake, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "n_planned"}))
+    assert not lake_is_complete(copy)  # an older manifest: resume it (only new models get built)
+    (copy / MANIFEST).write_text(json.dumps({**manifest, "finished": False}))
+    assert not lake_is_complete(copy)
+    assert not lake_is_complete(tmp_path / "nowhere")
 
 
 def test_bad_input(tmp_path, tiny_lake, monkeypatch):

@@ -259,15 +259,25 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
         classes = tuple(extra_rng.sample(l3_pool, len(l3_pool) // 2))
         models.append(_planned_child(extra_rng, extra_name(L3_ROOT, True), "l3", L3_ROOT, classes, False, True,
                                      parent=L3_ROOT, corruption=None))
+    # A training class needs at least one documented child, or no expert can learn it: the undocumented
+    # (test) draw left two of the small lake's 40 L6 classes with none, so its expert knew 38. Each such
+    # class gets one more child, documented, from its own stream (tiny and full have none to add).
+    doc_rng = random.Random(f"probex-lake/{size}/{seed}/l6-documented")
+    doc_name = _name_maker(doc_rng, taken={m.repo_id for m in models})
+    documented = {m.classes[0] for m in models if m.kind == "l6" and m.documented}
+    for c in [c for c in l6_classes if c not in documented]:
+        models.append(_planned_child(doc_rng, doc_name(L6_ROOT, True), "l6", L6_ROOT, (c,), False, True,
+                                     parent=L6_ROOT, corruption=None, test_share=0.0))
     return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed)
 
 
 def _planned_child(rng: random.Random, repo_id: str, kind: str, root: str, classes: tuple, holdout: bool,
-                   declared: bool, parent: str, corruption: str | None) -> PlannedModel:
+                   declared: bool, parent: str, corruption: str | None, test_share: float = TEST_SHARE
+                   ) -> PlannedModel:
     """One fine-tune's split and recipe, drawn from `rng` (in a fixed order: seeds give the same lake)."""
     if holdout:
         split = "holdout"
-    elif rng.random() < TEST_SHARE:
+    elif rng.random() < test_share:
         split = "test"
     else:
         split = "val" if is_val(repo_id) else "train"
@@ -550,10 +560,28 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     seconds = round(time.perf_counter() - started, 2)
     doc = _manifest(plan, trees)
     # how long the run that finished the lake took, and whether it resumed an earlier one
-    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(plan.models))
+    doc.update(n_models=len(written), n_planned=len(plan.models), seconds=seconds,
+               resumed=len(todo) < len(plan.models))
     _write_json(out / MANIFEST, doc)
     return LakeSummary(str(out), size, seed, trees, len(written),
                        sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, _bytes(out))
+
+
+def lake_is_complete(out: Path) -> bool:
+    """A finished lake that holds every model its plan has now. A lake finished before its plan grew
+    (models added from their own streams, e.g. the documented L6 children) reads as unfinished, so the
+    next build resumes it and writes only what is new."""
+    manifest = Path(out) / MANIFEST
+    if not manifest.exists():
+        return False
+    got = json.loads(manifest.read_text())
+    if not got.get("finished"):
+        return False
+    try:
+        plan = make_plan(got["size"], got["seed"], Mess(**got["mess"]))
+    except (KeyError, TypeError, ZooError):
+        return False
+    return got.get("n_planned") == len(plan.models)
 
 
 def _bytes(folder: Path) -> int:
