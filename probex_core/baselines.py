@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import ClassVar, Mapping
 
 import torch
 import torch.nn as nn
 
 from . import metrics
-from .data import ExpertError, LayerDataset, concat_datasets
+from .data import ExpertError, LayerDataset, blend_rows, concat_datasets
 from .device import seed_everything
 from .probex import Head
 from .train import (TrainConfig, TrainResult, check_datasets, config_for, evaluate, fit,
@@ -144,15 +144,14 @@ class FeatureBatch:
 
     def mixed(self, lam: torch.Tensor, perm: torch.Tensor, unit: bool = False) -> "FeatureBatch":
         """Mixup in feature space (WeightBatch.mixed's counterpart; `unit` does not apply)."""
-        mix = lambda t: None if t is None else (  # noqa: E731
-            lam.view(-1, *[1] * (t.dim() - 1)) * t + (1 - lam.view(-1, *[1] * (t.dim() - 1))) * t[perm])
-        return FeatureBatch(mix(self.feats), mix(self.y))
+        return FeatureBatch(blend_rows(self.feats, lam, 1 - lam, perm), blend_rows(self.y, lam, 1 - lam, perm))
 
 
 @dataclass
 class FeatureSet:
     feats: torch.Tensor  # (n, F)
     y: torch.Tensor | None
+    is_lora: ClassVar[bool] = False  # statistics, never factored rows
 
     def __len__(self) -> int:
         return self.feats.shape[0]

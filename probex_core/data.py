@@ -76,6 +76,15 @@ class WeightRow:
         return self.X is None
 
 
+def blend_rows(t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor
+               ) -> torch.Tensor | None:
+    """a_i t_i + b_i t_perm(i) along the first axis (mixup); a, b (n,). None stays None."""
+    if t is None:
+        return None
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    return a.view(shape) * t + b.view(shape) * t[perm]
+
+
 @dataclass
 class WeightBatch:
     """A batch of rows on one device. Exactly one of (X) or (A, B, scale) is set."""
@@ -116,10 +125,9 @@ class WeightBatch:
         if unit:
             w = 1 / self.frobenius_norms().clamp_min(1e-24)
         a, b = lam * w, (1 - lam) * w[perm]  # (n,) each
-        y = None if self.y is None else lam[:, None] * self.y + (1 - lam[:, None]) * self.y[perm]
+        y = blend_rows(self.y, lam, 1 - lam, perm)
         if self.X is not None:
-            X = a[:, None, None] * self.X + b[:, None, None] * self.X[perm]
-            return WeightBatch(X=X, y=y, index=self.index)
+            return WeightBatch(X=blend_rows(self.X, a, b, perm), y=y, index=self.index)
         s = self.scale
         B = torch.cat([(a * s)[:, None, None] * self.B, (b * s[perm])[:, None, None] * self.B[perm]], 2)
         A = torch.cat([self.A, self.A[perm]], 1)  # (n, 2r, d_W)

@@ -253,10 +253,9 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tcfg.lr,
                            weight_decay=tcfg.weight_decay)
     gen = torch.Generator().manual_seed(tcfg.seed)  # CPU generator: same order on any device
-    # Statistics features (StatNN's FeatureSet) are never LoRA rows.
-    alpha = tcfg.mixup_alpha(head, kind, lora=getattr(train, "is_lora", False))
+    alpha = tcfg.mixup_alpha(head, kind, lora=train.is_lora)
     mix_rng = np.random.default_rng(tcfg.seed) if alpha > 0 else None
-    unit_rows = bool(getattr(getattr(model, "cfg", None), "row_norm", False))
+    unit_rows = getattr(model.cfg, "row_norm", False)  # ProbeX's; the baselines have no row norm
 
     history: list[dict] = []
     best_key, best_state, best_epoch, best_val = None, None, 0, {}

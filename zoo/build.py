@@ -413,7 +413,7 @@ def _prepare_out(out: Path, plan: Plan) -> None:
 def _manifest(plan: Plan, trees: list[TreeSummary] | None) -> dict:
     return {"format": 1, "size": plan.size, "seed": plan.seed, "mess": asdict(plan.mess),
             "finished": trees is not None, "trees": [asdict(t) for t in trees or []],
-            "n_models": len(plan.models)}
+            "n_models": len(plan.models), "n_planned": len(plan.models)}
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -560,8 +560,7 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     seconds = round(time.perf_counter() - started, 2)
     doc = _manifest(plan, trees)
     # how long the run that finished the lake took, and whether it resumed an earlier one
-    doc.update(n_models=len(written), n_planned=len(plan.models), seconds=seconds,
-               resumed=len(todo) < len(plan.models))
+    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(plan.models))
     _write_json(out / MANIFEST, doc)
     return LakeSummary(str(out), size, seed, trees, len(written),
                        sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, _bytes(out))
