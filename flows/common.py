@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact
 
-from probex.config import Settings, apply_runtime_env
+from probex_core.settings import Settings, apply_runtime_env
 
 
 def settings(home: str | None) -> Settings:

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from probex.config import Settings, apply_runtime_env
+from probex_core.settings import Settings, apply_runtime_env
 from probex_core.errors import ProbexError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])

@@ -63,7 +63,7 @@ def ensure_lake(size: str) -> Path:
 
 
 def fresh_home(name: str, size: str = "small"):
-    from probex.config import Settings, apply_runtime_env
+    from probex_core.settings import Settings, apply_runtime_env
 
     home = BENCH / name
     shutil.rmtree(home, ignore_errors=True)
@@ -304,7 +304,7 @@ def bench_seeds(seeds: int = 5) -> None:
 
     from probex_core.baselines import train_dense, train_statnn
     from probex_core.train import evaluate, probex_trainer, train_final
-    from probex.config import Settings
+    from probex_core.settings import Settings
     from tasks.evaluate import load_ground_truth, tree_splits
     from tasks.pipeline import catalog_for, tree_ids
     from tasks.train import default_train_config, model_kwargs

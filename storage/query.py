@@ -98,7 +98,7 @@ class CatalogQuery:
 
     @classmethod
     def open(cls, home: str | Path | None = None, **overrides) -> "CatalogQuery":
-        from probex.config import Settings
+        from probex_core.settings import Settings
 
         s = Settings.load(home, **overrides)
         return cls(s.catalog, str(s.experts), s.text_encoder)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from probex.config import Settings
+from probex_core.settings import Settings
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog
 from storage.extract import ExtractJob

@@ -46,7 +46,7 @@ def tiny_home(tiny_lake, tmp_path_factory):
     LocalCluster), trained and embedded: what the query, CLI and notebook tests read."""
     import shutil
 
-    from probex.config import Settings, apply_runtime_env
+    from probex_core.settings import Settings, apply_runtime_env
     from tasks.pipeline import crawl_step, embed_step, extract_step, train_step
 
     home = tmp_path_factory.mktemp("home")

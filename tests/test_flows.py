@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from probex.config import Settings, apply_runtime_env
+from probex_core.settings import Settings, apply_runtime_env
 from storage.catalog import EMBEDDINGS, MODELS, Catalog
 
 REPO = Path(__file__).resolve().parents[1]

