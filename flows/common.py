@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from prefect.artifacts import create_markdown_artifact
 
-from probex_core.settings import Settings, apply_runtime_env
+from probex_core.settings import Settings, configure
 
-
-def settings(home: str | None) -> Settings:
-    s = Settings.load(home)
-    apply_runtime_env(s)
-    return s
+settings = configure  # a flow's first line: settings from its `home` parameter, runtime env applied
 
 
 def dask_runner(s: Settings):
     """prefect-dask's runner: the scheduler at PROBEX_DASK_ADDRESS, else a LocalCluster of
     single-threaded worker processes (they report to the API started by flows.runtime)."""
+    import logging
+
     from prefect_dask import DaskTaskRunner
 
+    # Its "Creating a new Dask cluster" / dashboard lines are noise in a nightly log.
+    logging.getLogger("prefect.task_runner").setLevel(logging.WARNING)
     if s.dask_address:
         return DaskTaskRunner(address=s.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1,

@@ -6,42 +6,23 @@ where it was, and the catalog at its last good version.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 
 from flows.common import dask_runner, publish, settings
 from storage.extract import ExtractJob, ExtractResult
 from tasks.dask_cluster import quiet_cluster_config
-from tasks.extract import extract_on, split_done, summarise, worker_failed
-from tasks.pipeline import catalog_for, crawl_step, embed_step, plan_extraction, record_quarantine
-
-
-@task(name="crawl", retries=1)
-def crawl_task(home: str | None, source: str, since: datetime | None, until: datetime | None,
-               limit: int | None) -> dict:
-    return crawl_step(settings(home), source, since, until, limit, advance_watermark=False)
-
-
-@task(name="plan-extraction")
-def plan_task(home: str | None, mode: str) -> list[ExtractJob]:
-    return plan_extraction(settings(home), mode=mode)[0]
-
-
-@task(name="extract-tree", retries=1)
-def extract_tree_task(tree_id: str, jobs: list[ExtractJob]) -> list[ExtractResult]:
-    """One Prefect task per tree; inside, one plain Dask task per model on the same cluster."""
-    from distributed import rejoin, secede
-    from prefect_dask import get_dask_client
-
-    with get_dask_client() as client:
-        # Give this task's worker slot back while its models run, else tree tasks holding every
-        # slot would wait forever on model tasks that have none.
-        secede()
-        try:
-            return extract_on(client, jobs)
-        finally:
-            rejoin()
+from tasks.extract import ExtractSummary, split_done, summarise, worker_failed
+from tasks.pipeline import (
+    crawl_task,
+    embed_task,
+    extract_tree_task,
+    plan_task,
+    record_quarantine_task,
+    set_watermark_task,
+)
 
 
 @flow(name="extract-layers")
@@ -61,18 +42,16 @@ def extract_layers(jobs: list[ExtractJob]) -> list[ExtractResult]:
     return out
 
 
-def run_extract(home: str | None, mode: str) -> dict:
-    import time
-
+def run_extract(home: str | None, mode: str) -> ExtractSummary:
+    """Plan, extract what is not on disk yet (on Dask), record quarantines: a step of two flows."""
     s = settings(home)
     t0 = time.perf_counter()
-    jobs = plan_task(home, mode)
-    results, pending = split_done(jobs)  # already on disk: "skipped"
+    results, pending = split_done(plan_task(home, mode))  # already on disk: "skipped"
     if pending:
         with quiet_cluster_config():  # prefect-dask starts its LocalCluster inside
             results += extract_layers.with_options(task_runner=dask_runner(s))(pending)
-    record_quarantine(catalog_for(s), results)
-    return summarise(results, time.perf_counter() - t0, s.dask_workers if pending else 0).to_dict()
+    record_quarantine_task(home, results)
+    return summarise(results, time.perf_counter() - t0, s.dask_workers if pending else 0)
 
 
 @flow(name="ingest", log_prints=True)
@@ -81,21 +60,17 @@ def ingest(source: str | None = None, since: datetime | None = None, until: date
     """Crawl `source` (a lake folder, `hub`, or `hub:<endpoint>`; default the bundled lake) from
     `since` (default: the watermark) to `until`, extract the layers the trees need, re-embed."""
     log = get_run_logger()
-    s = settings(home)
-    source = source or str(s.lake)
+    source = source or str(settings(home).lake)
     crawl = crawl_task(home, source, since, until, limit)
-    log.info("crawl: %s seen, %s new, %s changed", crawl["seen"], crawl["new"], crawl["changed"])
+    log.info("crawl: %s seen, %s new, %s changed", crawl.seen, crawl.new, crawl.changed)
     extract = run_extract(home, "auto")
-    log.info("extract: %s extracted, %s quarantined", extract["extracted"], len(extract["quarantined"]))
-    embed = embed_step(s)
-    if crawl["next_watermark"]:
-        from storage.sources import open_source
-
-        catalog_for(s).set_watermark(open_source(source).name, datetime.fromisoformat(crawl["next_watermark"]))
-    doc = {"crawl": crawl, "extract": extract, "embed": embed}
+    log.info("extract: %s extracted, %s quarantined", extract.extracted, len(extract.quarantined))
+    embed = embed_task(home)
+    if crawl.next_watermark:
+        set_watermark_task(home, source, datetime.fromisoformat(crawl.next_watermark))
     publish("ingest-summary", f"ingest {source}", {
-        "crawl": crawl, "extract": extract,
-        "quarantined": [f"{q['repo_id']}: {q['reason']}" for q in extract["quarantined"]],
-        "embed": {t: v["models"] for t, v in embed["trees"].items()},
+        "crawl": crawl.to_dict(), "extract": extract.to_dict(),
+        "quarantined": [f"{q['repo_id']}: {q['reason']}" for q in extract.quarantined],
+        "embed": {t: v["models"] for t, v in embed.trees.items()},
     })
-    return doc
+    return {"crawl": crawl.to_dict(), "extract": extract.to_dict(), "embed": embed.to_dict()}

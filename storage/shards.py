@@ -99,7 +99,7 @@ def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[Path]:
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         # Weights barely compress and never repeat: dictionary encoding and statistics on float
-        # lists cost ~6x the write time for nothing, and zstd level 1 keeps what compression there is.
+        # lists cost write time for nothing; zstd level 1 keeps what compression there is.
         pq.write_table(row.to_table(), tmp, compression="zstd", compression_level=1,
                        use_dictionary=False, write_statistics=False)
         os.replace(tmp, path)

@@ -126,26 +126,45 @@ def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Finger
 def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = None,
                  until: datetime | None = None, limit: int | None = None,
                  incremental: bool = True, advance_watermark: bool = True, on_record=None) -> CrawlSummary:
-    """advance_watermark=False: leave it to the caller (the ingest flow moves it only at the end)."""
+    """List -> new rows -> current view -> lineage -> weight routing -> commit -> watermark.
+
+    advance_watermark=False: leave it to the caller (the ingest flow moves it only at the end)."""
     t0 = time.perf_counter()
     summary = CrawlSummary(source.name)
     if since is None and until is None and incremental:
         since = catalog.watermark(source.name)
-
     existing = catalog.read(MODELS).to_pylist()
-    known = {(r["repo_id"], r["sha"]): r for r in existing}
-    latest_sha: dict[str, str] = {}
-    for r in existing:
-        if r["status"] != "superseded":
-            latest_sha[r["repo_id"]] = r["sha"]
+    records = list_window(source, since, until, limit, on_record)
+    summary.seen = len(records)
+    fresh = new_rows(source, records, existing, summary)
+    current, superseded = current_view(existing, fresh)
+    to_route, touched = place_by_lineage(current, fresh, summary)
+    if to_route:
+        route_by_weights(source, current, to_route, summary)
+    if superseded or touched:  # nothing new: no table is read again or written
+        catalog.upsert_models(superseded + touched)
+        _refresh_trees(catalog)
+    count_outcomes(current, fresh, summary)
+    move_watermark(catalog, source, records, limit, until, advance_watermark, summary)
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
-    records: list[ModelRecord] = []
+
+def list_window(source: Source, since, until, limit, on_record=None) -> list[ModelRecord]:
+    records = []
     for rec in source.list_models(since=since, until=until, limit=limit):
         records.append(rec)
         if on_record:
             on_record(rec)
-    summary.seen = len(records)
+    return records
 
+
+def new_rows(source: Source, records: list[ModelRecord], existing: list[dict],
+             summary: CrawlSummary) -> dict[tuple[str, str], dict]:
+    """Rows for the (repo_id, sha) pairs not in the catalog yet; an adapter's module signature is
+    read from its header now, since routing and planning need it."""
+    known = {(r["repo_id"], r["sha"]) for r in existing}
+    latest = {r["repo_id"] for r in existing if r["status"] != "superseded"}
     fresh: dict[tuple[str, str], dict] = {}
     for rec in records:
         key = (rec.repo_id, rec.sha)
@@ -155,13 +174,16 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         if rec.status == "ok" and is_adapter(row):
             row["adapter_modules"] = _adapter_signature(source, row)
         fresh[key] = row
-        if rec.repo_id in latest_sha:
+        if rec.repo_id in latest:
             summary.changed += 1
         else:
             summary.new += 1
     summary.unchanged = summary.seen - len(fresh)
+    return fresh
 
-    # Current view: one row per repo id (the newest sha), old shas marked superseded.
+
+def current_view(existing: list[dict], fresh: dict[tuple[str, str], dict]) -> tuple[dict[str, dict], list[dict]]:
+    """One row per repo id (its newest sha), and the older rows it supersedes."""
     current: dict[str, dict] = {r["repo_id"]: dict(r) for r in existing if r["status"] != "superseded"}
     superseded = []
     for (repo_id, sha), row in fresh.items():
@@ -169,17 +191,19 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         if old is not None and old["sha"] != sha:
             superseded.append({**old, "status": "superseded", "reason": f"newer revision {sha}"})
         current[repo_id] = row
+    return current, superseded
 
-    # Lineage over everything we know, then weight routing for the models lineage cannot place.
+
+def place_by_lineage(current: dict[str, dict], fresh: dict[tuple[str, str], dict],
+                     summary: CrawlSummary) -> tuple[list[dict], list[dict]]:
+    """Lineage over everything we know. Returns (fresh rows lineage cannot place, rows to write)."""
     placements = place({m: (r["parents"] or [], r["relation"]) for m, r in current.items()})
-    to_route = []
-    touched: list[dict] = []
+    to_route, touched = [], []
     for repo_id, row in current.items():
         p = placements[repo_id]
         is_fresh = (repo_id, row["sha"]) in fresh
         before = (row.get("tree_id"), row.get("parent"), tuple(row.get("flags") or ()))
-        routed_before = row.get("lineage_source") == "weights"
-        if p.tree_id is None and routed_before:
+        if p.tree_id is None and row.get("lineage_source") == "weights":
             continue  # placed by weights in an earlier run: keep it
         row["tree_id"], row["parent"] = p.tree_id, p.parent
         row["flags"] = sorted(p.flags)
@@ -193,30 +217,33 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         elif before != (row["tree_id"], row["parent"], tuple(row["flags"])):
             summary.replaced += 1
             touched.append(row)
+    return to_route, touched
 
-    if to_route:
-        sigs = _tree_signatures(source, current)
-        for row in to_route:
-            try:
-                fp = _fingerprint(source, row, sigs)
-            except (TensorReadError, OSError) as e:
-                row["status"] = "quarantined"
-                row["reason"] = f"{getattr(e, 'reason', 'unreadable')}: {getattr(e, 'message', e)}"
-                continue
-            decision = route(fp, sigs)
-            row["route_distances"] = json.dumps(
-                {k: (round(v, 6) if math.isfinite(v) else None) for k, v in decision.distances.items()})
-            if decision.tree_id is not None:
-                row["tree_id"], row["lineage_source"], row["status"] = decision.tree_id, "weights", "ok"
-                row["reason"] = f"routed by weights: {decision.reason}"
-                summary.routed += 1
-            else:
-                row["reason"] = f"unassigned: {decision.reason}"
 
-    if superseded or touched:  # nothing new: no table is read again or written
-        catalog.upsert_models(superseded + touched)
-        _refresh_trees(catalog)
+def route_by_weights(source: Source, current: dict[str, dict], to_route: list[dict],
+                     summary: CrawlSummary) -> None:
+    """Place what lineage could not by its weights' distance to each tree; a corrupt file is
+    quarantined instead."""
+    sigs = _tree_signatures(source, current)
+    for row in to_route:
+        try:
+            fp = _fingerprint(source, row, sigs)
+        except (TensorReadError, OSError) as e:
+            row["status"] = "quarantined"
+            row["reason"] = f"{getattr(e, 'reason', 'unreadable')}: {getattr(e, 'message', e)}"
+            continue
+        decision = route(fp, sigs)
+        row["route_distances"] = json.dumps(
+            {k: (round(v, 6) if math.isfinite(v) else None) for k, v in decision.distances.items()})
+        if decision.tree_id is not None:
+            row["tree_id"], row["lineage_source"], row["status"] = decision.tree_id, "weights", "ok"
+            row["reason"] = f"routed by weights: {decision.reason}"
+            summary.routed += 1
+        else:
+            row["reason"] = f"unassigned: {decision.reason}"
 
+
+def count_outcomes(current: dict[str, dict], fresh: dict[tuple[str, str], dict], summary: CrawlSummary) -> None:
     for row in current.values():
         if row["status"] == "unassigned":
             summary.unassigned += 1
@@ -225,18 +252,20 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         if row.get("tree_id") and row["status"] != "superseded":
             summary.per_tree[row["tree_id"]] = summary.per_tree.get(row["tree_id"], 0) + 1
 
-    # The watermark: only after the commit, and not when a limit may have left older models unread.
+
+def move_watermark(catalog: Catalog, source: Source, records: list[ModelRecord], limit, until,
+                   advance: bool, summary: CrawlSummary) -> None:
+    """Only after the commit, and not when a limit may have left older models unread or the run
+    was a bounded backfill window."""
     if records and not (limit is not None and len(records) >= limit) and until is None:
         newest = max((r.last_modified for r in records if r.last_modified), default=None)
         old = catalog.watermark(source.name)
         if newest is not None and (old is None or newest > old):
             summary.next_watermark = newest.isoformat()
-            if advance_watermark:
+            if advance:
                 catalog.set_watermark(source.name, newest)
     wm = catalog.watermark(source.name)
     summary.watermark = wm.isoformat() if wm else None
-    summary.seconds = time.perf_counter() - t0
-    return summary
 
 
 def _refresh_trees(catalog: Catalog) -> None:

@@ -39,12 +39,8 @@ def dask_client(address: str | None, n_workers: int = 2) -> Iterator["distribute
 
 
 # Background work a LocalCluster does not need for short I/O-bound tasks: the statistical profiler
-# samples every worker thread every 10 ms, and work stealing re-balances a queue the scheduler
-# already hands out evenly. On 2 cores the client, scheduler and workers share the CPUs; what caps
-# the second worker's gain there is the scheduler's own ~7 ms of CPU a task (measured), which this
-# does not remove: the 2-worker speed-up measured 1.57x with and without it on a busy machine
-# (2026-11-27), 1.79x (median of 3 pairs) alone on it (2026-11-30). Gathering results in batches
-# instead of one by one was also measured (1.55-1.65x vs 1.64-1.68x): no gain, not kept.
+# and work stealing (the scheduler already hands tasks out evenly). docs/benchmarks.md has what
+# this and batched gathering changed on 2 cores.
 QUIET_CLUSTER = {
     "distributed.worker.profile.enabled": False,
     "distributed.scheduler.work-stealing": False,

@@ -1,25 +1,43 @@
-"""The pipeline's steps as plain functions of Settings: what the CLI calls directly and what the
-Prefect flows wrap as tasks. Each returns a JSON-able summary."""
+"""The pipeline's steps, each twice: a plain function of Settings (what the CLI, scripts and tests
+call; it returns the JSON-able summary the CLI prints) and, beside it, the Prefect `@task` a flow
+runs (it takes the home folder, so that its arguments stay small and serialisable, and returns the
+typed record). Retries are set per task: only failures that a second try can fix are retried.
+"""
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
 
-from probex_core.settings import Settings
+from prefect import task
+
+from probex_core.settings import Settings, configure
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog
-from storage.extract import ExtractJob
+from storage.extract import ExtractJob, ExtractResult
 from storage.repos import source_from_name
-from storage.sources import open_source
-from tasks.crawl import crawl_source
+from storage.sources import SourceError, open_source
+from tasks.crawl import CrawlSummary, crawl_source
 from tasks.dask_cluster import check_scheduler
 from tasks.embed import embed_trees
-from tasks.extract import jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
+from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
 
 
 def catalog_for(settings: Settings, create: bool = True) -> Catalog:
     return Catalog(settings.catalog, create=create)
+
+
+_ENCODERS: dict[tuple[str, str], object] = {}
+
+
+def text_encoder(settings: Settings):
+    """The text encoder, loaded once per process (each tree's training task asks for it)."""
+    from probex_core.text_encoder import TextEncoder
+
+    key = (settings.text_encoder, str(settings.home))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
+    return _ENCODERS[key]
 
 
 def crawl_step(settings: Settings, source: str, since: datetime | None = None,
@@ -67,7 +85,7 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
             continue
         source = source_from_name(members[0]["source"])
         row = tree_rows.get(tree_id) or {"tree_id": tree_id, "root": tree_id}
-        shapes = _candidate_shapes(catalog, source, models, row)
+        shapes = candidate_shapes(catalog, source, models, row)
         if layers:
             wanted = list(layers)
         elif mode == "auto" and row.get("layer"):
@@ -83,7 +101,7 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
     return jobs, plans
 
 
-def _candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) -> dict[str, tuple[int, int]]:
+def candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) -> dict[str, tuple[int, int]]:
     """A tree's candidate layers and shapes: planned once from a sample, then kept in `trees`."""
     if row.get("layer_shapes"):
         return {k: tuple(v) for k, v in json.loads(row["layer_shapes"]).items()}
@@ -111,11 +129,10 @@ def record_quarantine(catalog: Catalog, results) -> None:
 
 def train_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
                strategies=("fast",)) -> dict:
-    from probex_core.text_encoder import TextEncoder
     from tasks.train import train_tree  # torch and sklearn: only for the steps that train
 
     catalog = catalog_for(settings)
-    encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
+    encoder = text_encoder(settings)
     out = {}
     for tree_id in tree_ids(catalog, trees):
         out[tree_id] = train_tree(catalog, settings.shards, str(settings.experts), tree_id, encoder=encoder,
@@ -129,12 +146,11 @@ def embed_step(settings: Settings, trees: list[str] | None = None) -> dict:
 
 def eval_step(settings: Settings, trees: list[str] | None = None, lake: str | None = None,
               baselines: bool = True, cross: bool = True) -> dict:
-    from probex_core.text_encoder import TextEncoder
     from tasks.evaluate import cross_tree, evaluate_tree, load_ground_truth, tree_splits
 
     catalog = catalog_for(settings, create=False)
     gt = load_ground_truth(lake or settings.lake)
-    encoder = TextEncoder(settings.text_encoder, cache_dir=str(settings.home / "text-cache"))
+    encoder = text_encoder(settings)
     splits = {t: tree_splits(catalog, settings.shards, str(settings.experts), t, gt)
               for t in tree_ids(catalog, trees)}
     doc = {"trees": {t: evaluate_tree(sp, encoder, baselines=baselines, device=settings.device)
@@ -142,3 +158,83 @@ def eval_step(settings: Settings, trees: list[str] | None = None, lake: str | No
     if cross:
         doc["cross_tree"] = cross_tree(splits)
     return doc
+
+
+# -- Prefect tasks ----------------------------------------------------------------------------------
+def transient(task, task_run, state) -> bool:
+    """Retry condition: a user error (bad input, a missing tree) fails at once; anything else,
+    e.g. an endpoint that rate-limits or drops the connection, gets the task's retries."""
+    try:
+        state.result()
+    except ProbexError as e:
+        return isinstance(e, SourceError)
+    except BaseException:  # noqa: BLE001 - any other failure may pass on a second try
+        return True
+    return False
+
+
+@task(name="crawl", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=transient)
+def crawl_task(home: str | None, source: str, since: datetime | None, until: datetime | None,
+               limit: int | None) -> CrawlSummary:
+    """The watermark is not moved here: the ingest flow moves it once everything downstream landed."""
+    return crawl_source(open_source(source), catalog_for(configure(home)), since=since, until=until,
+                        limit=limit, advance_watermark=False)
+
+
+@task(name="plan-extraction")
+def plan_task(home: str | None, mode: str) -> list[ExtractJob]:
+    return plan_extraction(configure(home), mode=mode)[0]
+
+
+@task(name="extract-tree", retries=1, retry_delay_seconds=10)
+def extract_tree_task(tree_id: str, jobs: list[ExtractJob]) -> list[ExtractResult]:
+    """One Prefect task per tree; inside, one plain Dask task per model on the same cluster."""
+    from distributed import rejoin, secede
+    from prefect_dask import get_dask_client
+
+    with get_dask_client() as client:
+        # Give this task's worker slot back while its models run, else tree tasks holding every
+        # slot would wait forever on model tasks that have none.
+        secede()
+        try:
+            return extract_on(client, jobs)
+        finally:
+            rejoin()
+
+
+@task(name="record-quarantine")
+def record_quarantine_task(home: str | None, results: list[ExtractResult]) -> None:
+    record_quarantine(catalog_for(configure(home)), results)
+
+
+@task(name="train-tree")
+def train_tree_task(home: str | None, tree_id: str):
+    """One tree's expert; returns its `TreeTrainReport` (promoted or not, and why)."""
+    from tasks.train import train_tree
+
+    s = configure(home)
+    return train_tree(catalog_for(s), s.shards, str(s.experts), tree_id, encoder=text_encoder(s),
+                      device=s.device)
+
+
+@task(name="embed", retries=1, retry_delay_seconds=10)
+def embed_task(home: str | None, trees: list[str] | None = None):
+    """Apply the current experts to their trees' models; returns the `EmbedReport`."""
+    s = configure(home)
+    return embed_trees(catalog_for(s), s.shards, str(s.experts), trees)
+
+
+@task(name="set-watermark")
+def set_watermark_task(home: str | None, source: str, moment: datetime) -> None:
+    catalog_for(configure(home)).set_watermark(open_source(source).name, moment)
+
+
+@task(name="list-trees")
+def list_trees_task(home: str | None, trees: list[str] | None = None) -> list[str]:
+    return tree_ids(catalog_for(configure(home)), trees)
+
+
+@task(name="evaluate")
+def evaluate_task(home: str | None, trees: list[str] | None = None, baselines: bool = True,
+                  cross: bool = True) -> dict:
+    return eval_step(configure(home), trees, baselines=baselines, cross=cross)

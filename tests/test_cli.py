@@ -121,3 +121,42 @@ def test_a_local_prefect_api_that_cannot_start_is_one_line(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     last = [l for l in (done.stdout + done.stderr).strip().splitlines() if l.strip()][-1]
     assert last.startswith("error:") and "server.log" in last and "PREFECT_API_URL" in last, last
+
+
+def test_user_text_is_never_read_as_markup(home):
+    """Queries, labels and repo ids are data: rich markup in them is printed as typed."""
+    r = run("search", "[/x] birds", "-k", "2", home=home)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "[/x] birds" in r.output
+    r = run("similar", "[bold]org/[/nope]", home=home)
+    one_line_error(r, "[/nope]")
+
+
+@pytest.mark.parametrize("name,value", [("PROBEX_DASK_WORKERS", "abc"), ("PROBEX_DASK_WORKERS", "0"),
+                                        ("PROBEX_DEVICE", "gpu"), ("PROBEX_HTTP_READ_TIMEOUT", "soon")])
+def test_a_bad_setting_is_one_line_naming_it(home, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    r = run("trees", home=home)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    text = r.output.strip()
+    assert text.startswith("error:") and name in text and len(text.splitlines()) <= 2, text
+
+
+def test_tables_stay_readable_in_an_80_column_log():
+    """Long repo ids and labels fold onto more lines instead of being cut to `eff…`."""
+    import io
+
+    from rich.console import Console
+
+    from probex.cli import table
+
+    cells = ["efficientnet-lite0-fashion-mnist-sneaker-boot-0042", "multi-label", 0.91234, "yes",
+             ["a-rather-long-label", "another-long-label"], 12345, "google/efficientnet-lite0"]
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(table("a wide table", [f"column {i}" for i in range(7)], [cells]))
+    text = buf.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    body = text.splitlines()[text.splitlines().index(next(l for l in text.splitlines() if "───" in l)) + 1:]
+    first_column = "".join(line.split()[0] for line in body if line.strip())
+    assert first_column == cells[0]

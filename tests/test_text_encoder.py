@@ -60,3 +60,15 @@ def test_disk_cache_skips_the_model(tmp_path, enc):
 def test_missing_encoder_is_a_clear_error(tmp_path):
     with pytest.raises(TextEncoderError, match="not available offline"):
         TextEncoder("no-such-org/no-such-model").encode(["x"])
+
+
+def test_loading_leaves_the_process_online(monkeypatch):
+    """Loading the encoder must not switch the Hub off for the process and the Dask workers it
+    starts later: files come from disk through `local_files_only`, not through HF_HUB_OFFLINE."""
+    import os
+
+    from probex_core.text_encoder import TextEncoder
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    TextEncoder().encode(["a heron"])
+    assert "HF_HUB_OFFLINE" not in os.environ

@@ -26,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -452,8 +453,8 @@ def _summaries(plan: Plan, written: list[PlannedModel], accuracy: dict[str, floa
 
 def _worker_init() -> None:
     # One thread per process, two processes: small conv/attention batches gain little from a
-    # second thread, and OpenMP threads spin badly when other jobs share the cores (10x slower
-    # children were measured). The text trainer honours an explicit OMP_NUM_THREADS.
+    # second thread, and OpenMP threads spin badly when other jobs share the cores (see
+    # docs/benchmarks.md). The text trainer honours an explicit OMP_NUM_THREADS.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -464,6 +465,11 @@ def _trainers(size: str, seed: int, mess: Mess, lake: Path) -> _Trainers:
     return _Trainers(make_plan(size, seed, mess), lake)
 
 
+def _holds_threads() -> bool:
+    """A library whose background threads a fork would copy mid-operation is loaded here."""
+    return any(name in sys.modules for name in ("lancedb", "lance", "distributed"))
+
+
 def _pool_context():
     """fork where the platform has it: workers then inherit what `_preload` loaded."""
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -472,7 +478,7 @@ def _pool_context():
 def _preload(size: str, seed: int, mess: Mess, lake: Path, todo: list[PlannedModel]) -> None:
     """Load once, in this process, what the repos still to build share: the plan and class pool,
     the bases, the image pool's features. Forked workers inherit it; each spawned worker would
-    spend ~10-20 s computing it again. Two threads overlap the image features with the L3 ONNX
+    compute it again. Two threads overlap the image features with the L3 ONNX
     conversion. Torch runs single-threaded here: a process that has started OpenMP threads must
     not fork (the children's OpenMP would wait on threads that no longer exist)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -507,6 +513,10 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     """Build (or finish building) the lake of (size, seed) in `out` with `workers` processes.
     `mess=False` turns every kind of mess off; keyword flags set single fields of `Mess`
     (undeclared, chains, corrupt, outsiders)."""
+    if _holds_threads() and _pool_context().get_start_method() == "fork":
+        # LanceDB's runtime threads make a fork unsafe: build from a fresh process, which forks.
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
+            return fresh.submit(build_lake, out, size, seed, progress, mess, workers, **mess_flags).result()
     started = time.perf_counter()
     out = Path(out).absolute()
     unknown = set(mess_flags) - {f.name for f in fields(Mess)}
@@ -563,7 +573,7 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(plan.models))
     _write_json(out / MANIFEST, doc)
     return LakeSummary(str(out), size, seed, trees, len(written),
-                       sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, _bytes(out))
+                       sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, folder_bytes(out))
 
 
 def lake_is_complete(out: Path) -> bool:
@@ -583,5 +593,5 @@ def lake_is_complete(out: Path) -> bool:
     return got.get("n_planned") == len(plan.models)
 
 
-def _bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

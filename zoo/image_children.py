@@ -75,7 +75,7 @@ def _features_below(model: EfficientNet, images: np.ndarray, batch: int = 128) -
 
     Batches run on two Python threads (torch releases the GIL inside its kernels): the lake builder
     computes this before forking its workers, where torch must stay single-threaded (see
-    zoo.build._preload), and it is the longest part of a tiny build's start (~12 s on one core)."""
+    zoo.build._preload), and it is the longest part of a tiny build's start."""
     from concurrent.futures import ThreadPoolExecutor
 
     def lower(start: int) -> torch.Tensor:

@@ -7,8 +7,7 @@ classifier on the mean-pooled output, trained with cross-entropy for a few epoch
 
 Speed: the layers below the LoRA never change, so their output for each class's texts is computed
 once per process and cached (about 1.5 MB per class and base; `clear_feature_cache` frees it); a
-child only runs its top layers. Cost on one of this machine's cores: about 0.2 s plus 0.1-0.3 s
-per optimiser step of BATCH_SIZE texts, i.e. linear in (training texts x epochs).
+child only runs its top layers, so a child's cost is linear in (training texts x epochs).
 
 Saved tensors are exactly what PEFT's save_pretrained would write for a PeftModel wrapping the
 BertModel, with the head registered as a PEFT `modules_to_save` module named "classifier":
@@ -221,8 +220,8 @@ def _spread(classes: list[WordClass], n: int, side: str, rng: random.Random):
 
 
 def _set_threads() -> None:
-    # Small matmuls gain little past 2 threads, and oversubscribed threads spin (measured here: 3-6x
-    # slower with 2 threads than with 1 while other processes held the cores). Only cap torch's all-cores
+    # Small matmuls gain little past 2 threads, and oversubscribed threads spin when other
+    # processes hold the cores (docs/benchmarks.md). Only cap torch's all-cores
     # default: a caller's OMP_NUM_THREADS (Dask sets 1) or smaller thread count stands.
     if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 2:
         torch.set_num_threads(2)
