@@ -7,16 +7,11 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from .names import slug as tree_slug
+
 CURRENT = "current"
-
-
-def tree_slug(tree_id: str) -> str:
-    """'org/name' -> 'org--name' (as the Hub cache does); other unsafe characters -> '_'."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", tree_id.replace("/", "--")).strip(".")
-    return s or "_"
 
 
 def tree_dir(experts_dir: str | os.PathLike, tree_id: str) -> Path:

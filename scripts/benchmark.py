@@ -207,7 +207,6 @@ def _extract_http(s) -> dict:
     """The same extraction through the Hub test server: bytes_read vs the server's own counter."""
     from hubserver import HubServer
     from storage.catalog import MODELS, Catalog
-    from storage.repos import location
     from storage.sources import HubSource
     from tasks.extract import jobs_for_tree, run_extraction
     from tasks.pipeline import candidate_shapes
@@ -249,9 +248,10 @@ with open(p, "wb") as f:
     f.write(struct.pack("<Q", len(h))); f.write(h); f.seek(8 + len(h) + big); f.write(small.tobytes())
 def vm(key):  # kB from /proc/self/status; VmHWM (peak RSS) starts afresh at exec, unlike ru_maxrss
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
-from storage.extract import ExtractJob, RepoLocation, extract_model
+from storage.extract import ExtractJob, extract_model
+from storage.sources import LocalOpener
 before = vm("VmRSS")
-job = ExtractJob(RepoLocation("x/y", "0" * 40, local_dir=d), "x/root", ("model.safetensors",),
+job = ExtractJob(LocalOpener("x/y", "0" * 40, d), "x/root", ("model.safetensors",),
                  ("layer.weight",), os.path.join(d, "shards"))
 r = extract_model(job)
 after = vm("VmHWM")

@@ -1,7 +1,7 @@
 """Extract chosen layers of one model into Parquet shards, reading only the bytes they need.
 
-`extract_model(job)` is what a Dask worker runs: the job carries only a location (a folder or an
-HTTP endpoint) and names, never tensors; the worker reads the safetensors header, then only the
+`extract_model(job)` is what a Dask worker runs: the job carries only the repo's opener (a small
+picklable `storage.sources.RepoOpener`: a folder, an endpoint) and names, never tensors; the worker reads the safetensors header, then only the
 wanted tensors' byte ranges, and writes the shard files itself. A file that is corrupt (truncated,
 lying header, NaN/Inf) or whose layer does not fit its tree is reported as quarantined with its
 reason, never raised: one bad model must not stop a run.
@@ -9,18 +9,16 @@ reason, never raised: one bad model must not stop a run.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from probex_core.routing import is_head
 from storage.adapters import lora_modules, parse_adapter_config, read_lora_factors
+from storage.records import ADAPTER_WEIGHTS
 from storage.safetensors_reader import (
-    ByteSource,
-    HttpFile,
-    LocalFile,
     TensorReadError,
     as_matrix,
     check_finite,
@@ -29,32 +27,15 @@ from storage.safetensors_reader import (
 )
 from storage.shards import LayerRow, has_shard, write_rows
 
+if TYPE_CHECKING:
+    from storage.sources.base import RepoOpener
+
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-@dataclass(frozen=True)
-class RepoLocation:
-    """Where a repo's files are: a local folder, or a Hub endpoint (files fetched by HTTP Range)."""
-
-    repo_id: str
-    sha: str
-    local_dir: str | None = None
-    endpoint: str | None = None
-    token: str | None = None
-
-    def open(self, filename: str) -> ByteSource:
-        if self.local_dir is not None:
-            return LocalFile(os.path.join(self.local_dir, filename))
-        from huggingface_hub import hf_hub_url
-
-        url = hf_hub_url(self.repo_id, filename, revision=self.sha, endpoint=self.endpoint)
-        return HttpFile(url, token=self.token)
 
 
 @dataclass(frozen=True)
 class ExtractJob:
-    location: RepoLocation
+    opener: RepoOpener  # opens the repo's files at its sha, on the worker
     tree_id: str
     files: tuple[str, ...]  # the repo's file names
     layers: tuple[str, ...]  # layer names to extract (tensor names, or LoRA module paths)
@@ -84,7 +65,7 @@ class ExtractResult:
         return asdict(self)
 
 
-def _read_small(loc: RepoLocation, filename: str, limit: int = 1 << 20) -> tuple[bytes, int]:
+def _read_small(loc: RepoOpener, filename: str, limit: int = 1 << 20) -> tuple[bytes, int]:
     src = loc.open(filename)
     try:
         size = src.size()
@@ -105,7 +86,7 @@ def _check_shape(job: ExtractJob, layer: str, shape: tuple[int, int]) -> None:
 
 
 def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
-    loc = job.location
+    loc = job.opener
     raw, n = _read_small(loc, ADAPTER_CONFIG)
     res.bytes_read += n
     res.bytes_needed += n
@@ -136,7 +117,7 @@ def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
 
 
 def _extract_full(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
-    loc = job.location
+    loc = job.opener
     read = read_repo_tensors(loc.open, job.layers, job.files, check=True)
     res.bytes_read += read.bytes_read
     res.bytes_needed += read.bytes_needed
@@ -155,7 +136,7 @@ def _extract_full(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
 def extract_model(job: ExtractJob) -> ExtractResult:
     """Read the job's layers and write one shard per layer. Never raises for bad data."""
     t0 = time.perf_counter()
-    loc = job.location
+    loc = job.opener
     res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "ok")
     if all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha) for l in job.layers):
         res.status = "skipped"
@@ -184,7 +165,7 @@ def extract_model(job: ExtractJob) -> ExtractResult:
 
 # --- which layers a tree offers ------------------------------------------------------------
 
-def header_shapes(loc: RepoLocation, files: tuple[str, ...]) -> tuple[dict[str, tuple[int, ...]], int]:
+def header_shapes(loc: RepoOpener, files: tuple[str, ...]) -> tuple[dict[str, tuple[int, ...]], int]:
     """name -> shape of every tensor in the repo's weights file, reading only the header(s)."""
     filename = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in files and "model.safetensors" not in files else "model.safetensors"
     src = loc.open(filename)
@@ -224,7 +205,7 @@ def candidate_layers(samples: list[dict[str, tuple[int, int]]], changed: set[str
     return {n: samples[0][n] for n in names}
 
 
-def changed_layers(root: RepoLocation, child: RepoLocation, root_files: tuple[str, ...],
+def changed_layers(root: RepoOpener, child: RepoOpener, root_files: tuple[str, ...],
                    child_files: tuple[str, ...], names: list[str]) -> set[str]:
     """Names whose values differ between a root and one full fine-tuned child."""
     a = read_repo_tensors(root.open, names, root_files, check=False).tensors

@@ -1,4 +1,5 @@
-"""Typed records shared by every model source (Hub, local lake folder)."""
+"""Typed records shared by every model source (Hub, local lake folder), and small facts about
+the catalog rows made from them."""
 
 from __future__ import annotations
 
@@ -36,3 +37,19 @@ class ModelRecord:
     files: list[RepoFile] = field(default_factory=list)
     status: str = "ok"
     reason: str | None = None
+
+
+# --- facts about a `models` catalog row that several steps need ---------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def repo_files(row: dict) -> tuple[str, ...]:
+    """File names of a `models` catalog row."""
+    return tuple(f["path"] for f in row.get("files") or [])
+
+
+def is_adapter(row: dict) -> bool:
+    """A PEFT adapter repo (adapter weights, no full weights)."""
+    files = repo_files(row)
+    return ADAPTER_WEIGHTS in files and "model.safetensors" not in files

@@ -11,12 +11,10 @@ Files come from strangers, so the header is validated strictly and every problem
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
 import os
 import struct
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -115,54 +113,25 @@ class LocalFile(ByteSource):
             self._fh = None
 
 
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """`Retry-After` is either delay-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class HttpFile(ByteSource):
-    """A remote file read with HTTP Range requests through huggingface_hub's HTTP client.
+    """A remote file read with HTTP Range requests through the one HTTP layer (`storage.http`).
 
-    `session` defaults to `huggingface_hub.utils.get_session()` (an `httpx2.Client` shared by the
-    whole process, following redirects to the CDN, honouring `HF_HUB_OFFLINE`). Headers come from
-    `build_hf_headers(token=...)`: a `None` token falls back to `HF_TOKEN` / the cached login.
-    Build `url` with `huggingface_hub.hf_hub_url(repo_id, filename, revision=sha)`.
-
-    429/5xx and transport errors are retried `max_retries` times with exponential back-off,
-    waiting `Retry-After` when the server sends it, but never more than `max_wait` per try.
+    Every HEAD and ranged GET has the layer's connect/read timeouts and retries (`http`, default
+    `HttpClient.from_settings()`: the PROBEX_HTTP_* settings). `session` defaults to
+    huggingface_hub's shared client; headers come from `build_hf_headers(token=...)`, where a
+    `None` token falls back to `HF_TOKEN` / the cached login. Build `url` with
+    `huggingface_hub.hf_hub_url(repo_id, filename, revision=sha)`, or get the whole file from a
+    source's opener: `source.opener(repo_id, sha).open(filename)`.
     """
 
-    def __init__(
-        self,
-        url: str,
-        token: str | bool | None = None,
-        session=None,
-        *,
-        max_retries: int = 5,
-        base_wait: float = 0.5,
-        max_wait: float = 30.0,
-    ):
+    def __init__(self, url: str, token: str | bool | None = None, session=None, *, http=None):
+        from storage.http import HttpClient  # lazy: a worker reading local files never loads httpx
+
         self.url = url
         self.name = url
         self.token = token
         self._session = session
-        self.max_retries = max_retries
-        self.base_wait = base_wait
-        self.max_wait = max_wait
+        self.http = http if http is not None else HttpClient.from_settings()
         self.bytes_read = 0
         self.requests = 0
         self._size: int | None = None
@@ -172,44 +141,12 @@ class HttpFile(ByteSource):
         state["_session"] = None  # an httpx client does not pickle; workers use their own
         return state
 
-    def _client(self):
-        if self._session is not None:
-            return self._session
-        from huggingface_hub.utils import get_session
-
-        return get_session()
-
-    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
-        from huggingface_hub.utils import build_hf_headers
-
-        return build_hf_headers(token=self.token, headers=extra)
+    def _count(self) -> None:
+        self.requests += 1
 
     def _request(self, method: str, headers: dict[str, str], handle: Callable):
-        """Send one request with bounded retries; `handle(response)` runs inside the stream."""
-        import httpx2
-        from huggingface_hub.utils import hf_raise_for_status
-
-        wait = self.base_wait
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                self.requests += 1
-                with self._client().stream(method, self.url, headers=self._headers(headers)) as resp:
-                    if resp.status_code in RETRY_STATUS and not last:
-                        hinted = _retry_after_seconds(resp.headers.get("retry-after"))
-                        delay = wait if hinted is None else hinted
-                    else:
-                        if resp.status_code >= 400:
-                            resp.read()  # so the raised error carries the server's message
-                            hf_raise_for_status(resp)
-                        return handle(resp)
-            except httpx2.TransportError:
-                if last:
-                    raise
-                delay = wait
-            time.sleep(min(delay, self.max_wait))
-            wait = min(wait * 2, self.max_wait)
-        raise AssertionError("unreachable")
+        return self.http.request(method, self.url, token=self.token, headers=headers, handle=handle,
+                                 session=self._session, on_send=self._count)
 
     def size(self) -> int:
         if self._size is None:

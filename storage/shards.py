@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from probex_core.names import slug
+
 SHARD_SCHEMA = pa.schema(
     [
         ("tree_id", pa.string()),
@@ -78,11 +80,6 @@ class LayerRow:
         }
         return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
                          else cols[f.name] for f in SHARD_SCHEMA}, schema=SHARD_SCHEMA)
-
-
-def slug(text: str) -> str:
-    """A repo or tree id as one path component ("org/name" -> "org--name")."""
-    return text.replace("/", "--")
 
 
 def shard_path(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> Path:

@@ -18,9 +18,8 @@ from probex_core.lineage import place
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
 from storage.catalog import MODELS, Catalog
 from storage.extract import adapter_layer_shapes, header_shapes
-from storage.records import ModelRecord
+from storage.records import ModelRecord, is_adapter, repo_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
-from storage.repos import is_adapter, location, repo_files
 from storage.sources import Source
 
 # Statuses the crawl owns; others (quarantined by extraction, superseded) are kept on re-placement.
@@ -67,7 +66,7 @@ def _label_order(key: str):
 def _adapter_signature(source: Source, row: dict) -> list[str] | None:
     """'module|in|out' for each LoRA module, read from the adapter's header only."""
     try:
-        shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), repo_files(row))
+        shapes, _ = header_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row))
     except (TensorReadError, OSError) as e:
         row["reason"] = f"unreadable adapter header: {e}"
         return None
@@ -97,7 +96,7 @@ def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSigna
         if root is None or is_adapter(root) or "model.safetensors" not in repo_files(root):
             continue
         try:
-            loc = location(source, root["repo_id"], root["sha"])
+            loc = source.opener(root["repo_id"], root["sha"])
             shapes, _ = header_shapes(loc, repo_files(root))
             names = fingerprint_names(shapes)
             sig.root_tensors = read_repo_tensors(loc.open, names, repo_files(root), check=False).tensors
@@ -115,7 +114,7 @@ def _fingerprint(source: Source, row: dict, sigs: list[TreeSignature]) -> Finger
         return fp
     if "model.safetensors" not in repo_files(row) and "model.safetensors.index.json" not in repo_files(row):
         return fp
-    loc = location(source, row["repo_id"], row["sha"])
+    loc = source.opener(row["repo_id"], row["sha"])
     shapes, _ = header_shapes(loc, repo_files(row))
     wanted = {n for s in sigs for n, ref in s.root_tensors.items() if tuple(shapes.get(n, ())) == ref.shape}
     if wanted:

@@ -52,6 +52,8 @@ def quiet_cluster_config():
     """Set around the start of a LocalCluster (here or prefect-dask's): its workers are spawned
     with the config in force then."""
     import dask
+    import distributed  # noqa: F401 - its defaults must be in the config before `set` records it,
+    # else leaving the block deletes the whole `distributed` section and the next cluster fails
 
     return dask.config.set(QUIET_CLUSTER)
 

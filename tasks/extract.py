@@ -1,5 +1,5 @@
 """Extraction across Dask workers: one task per model; workers read and write, the client only
-sends jobs (paths/URLs and names) and collects small result records."""
+sends jobs (a repo opener and names) and collects small result records."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from storage.extract import (
     header_shapes,
     matrix_shape,
 )
+from storage.records import is_adapter, repo_files
 from storage.shards import has_shard
-from storage.repos import is_adapter, location, repo_files
 from storage.safetensors_reader import TensorReadError
+from storage.sources import Source
 from tasks.dask_cluster import dask_client
 
 # A task that raises is re-run this often. A task whose worker dies is re-run by Dask up to
@@ -69,7 +70,7 @@ def summarise(results: list[ExtractResult], seconds: float, workers: int) -> Ext
 
 
 def is_done(job: ExtractJob) -> bool:
-    loc = job.location
+    loc = job.opener
     return bool(job.layers) and all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha)
                                     for l in job.layers)
 
@@ -120,7 +121,7 @@ def extract_on(client, jobs: list[ExtractJob],
 
 
 def worker_failed(job: ExtractJob, error: BaseException) -> ExtractResult:
-    loc = job.location
+    loc = job.opener
     return ExtractResult(loc.repo_id, loc.sha, job.tree_id, "quarantined",
                          f"worker_failed: {type(error).__name__}: {error}")
 
@@ -143,7 +144,7 @@ def retry_quarantined(row: dict) -> bool:
     return row["status"] == "quarantined" and (row.get("reason") or "").startswith("worker_failed")
 
 
-def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
+def plan_candidate_layers(source: Source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
     """The layers a tree offers: shared by a sample of its children (same name and matrix shape),
     heads excluded; for full fine-tunes only those fine-tuning changed relative to the root."""
     members = [r for r in tree_members(models, tree_id) if r["status"] == "ok"]
@@ -153,7 +154,7 @@ def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str,
         if len(samples) == SAMPLE_CHILDREN:
             break
         try:
-            shapes, _ = header_shapes(location(source, row["repo_id"], row["sha"]), repo_files(row))
+            shapes, _ = header_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row))
         except (TensorReadError, OSError):
             continue
         if is_adapter(row):
@@ -168,18 +169,18 @@ def plan_candidate_layers(source, models: list[dict], tree_id: str) -> dict[str,
     if root is not None and not is_adapter(sample_rows[0]) and root["files"]:
         names = sorted(candidate_layers(samples, limit=10_000))
         try:
-            changed = changed_layers(location(source, tree_id, root["sha"]),
-                                     location(source, sample_rows[0]["repo_id"], sample_rows[0]["sha"]),
+            changed = changed_layers(source.opener(tree_id, root["sha"]),
+                                     source.opener(sample_rows[0]["repo_id"], sample_rows[0]["sha"]),
                                      repo_files(root), repo_files(sample_rows[0]), names)
         except (TensorReadError, OSError, KeyError):
             changed = None
     return candidate_layers(samples, changed)
 
 
-def jobs_for_tree(source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],
+def jobs_for_tree(source: Source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],
                   shards_root: str) -> list[ExtractJob]:
     return [
-        ExtractJob(location(source, r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
+        ExtractJob(source.opener(r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
                    shards_root, tuple((l, tuple(s)) for l, s in layers.items() if s))
         for r in tree_members(models, tree_id)
     ]

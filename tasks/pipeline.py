@@ -15,7 +15,6 @@ from probex_core.settings import Settings, configure
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog
 from storage.extract import ExtractJob, ExtractResult
-from storage.repos import source_from_name
 from storage.sources import SourceError, open_source
 from tasks.crawl import CrawlSummary, crawl_source
 from tasks.dask_cluster import check_scheduler
@@ -83,7 +82,7 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
         members = tree_members(models, tree_id)
         if not members:
             continue
-        source = source_from_name(members[0]["source"])
+        source = open_source(members[0]["source"])
         row = tree_rows.get(tree_id) or {"tree_id": tree_id, "root": tree_id}
         shapes = candidate_shapes(catalog, source, models, row)
         if layers:

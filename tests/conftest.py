@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -30,13 +34,27 @@ def one_torch_thread():
     torch.set_num_threads(prev)
 
 
-@pytest.fixture(scope="session")
-def tiny_lake(tmp_path_factory):
-    """Path of a tiny lake (docs/lake.md layout), seed 0, default mess."""
-    from zoo.build import build_lake
+def _lake_cache() -> Path:
+    """Where the tiny lake is kept between runs: keyed by the builder's source, so a change to
+    the zoo builds a new one, and an unchanged builder costs nothing on the next run."""
+    digest = hashlib.sha1()
+    for path in sorted((REPO / "zoo").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    root = Path(os.environ.get("PROBEX_TEST_CACHE") or REPO / ".pytest_cache" / "probex")
+    return root / f"tiny-lake-seed0-{digest.hexdigest()[:12]}"
 
-    out = tmp_path_factory.mktemp("zoo") / "lake"
-    build_lake(out, "tiny", seed=0, progress=False)
+
+@pytest.fixture(scope="session")
+def tiny_lake():
+    """Path of a tiny lake (docs/lake.md layout), seed 0, default mess. Read-only for tests: a
+    test that changes a lake copies it first. Built once, then reused across sessions (the
+    builder is deterministic and resumes a lake a killed run left half-built)."""
+    from zoo.build import build_lake, lake_is_complete
+
+    out = _lake_cache()
+    if not lake_is_complete(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_lake(out, "tiny", seed=0, progress=False)
     return out
 
 

@@ -15,7 +15,7 @@ server and `LocalSource` describe the same lake identically. A folder has no his
 current sha (or "main") resolves.
 
 `traffic` counts requests and body bytes per path; `faults` injects 429s (with Retry-After or
-RateLimit headers), 5xx and per-repo 404s.
+RateLimit headers), 5xx, per-repo 404s, and stalls (a request read but never answered).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Faults:
     server_error_status: int = 503
     route: str = "any"  # which requests the counters apply to: "list", "info", "resolve", "any"
     not_found: set[str] = field(default_factory=set)  # repos whose info/files answer 404 (still listed)
+    stall_suffix: str | None = None  # requests whose path ends with this are never answered
 
 
 @dataclass
@@ -91,6 +92,7 @@ class HubServer:
         self.faults = Faults()
         self.traffic = Traffic()
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # releases stalled handlers at stop
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
         self._httpd.daemon_threads = True
         self._httpd.hub = self  # type: ignore[attr-defined]
@@ -109,6 +111,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -276,6 +279,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        if (suffix := self.hub.faults.stall_suffix) and url.path.endswith(suffix):
+            self.hub.record(Hit(self.command, url.path, 0, time.monotonic(), "stalled"), 0)
+            self.hub.stopping.wait()  # read, never answered: what a hung server or proxy does
+            self.close_connection = True
+            return
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         query = parse_qs(url.query)
         if parts[:2] == ["api", "models"] and len(parts) == 2:

@@ -8,14 +8,15 @@ import dask
 import numpy as np
 from safetensors.numpy import save_file
 
-from storage.extract import ExtractJob, RepoLocation, extract_model
+from storage.extract import ExtractJob, extract_model
+from storage.sources import LocalOpener
 from storage.shards import has_shard
 
 
 def extract_or_die(job: ExtractJob):
     """What a worker does with a model that crashes it (a segfault in a reader, an OOM kill)."""
-    if job.location.repo_id.endswith("/dies"):
-        with open(os.path.join(job.location.local_dir, "attempts"), "a") as f:
+    if job.opener.repo_id.endswith("/dies"):
+        with open(os.path.join(job.opener.folder, "attempts"), "a") as f:
             f.write("1")
         os._exit(1)
     return extract_model(job)
@@ -26,7 +27,7 @@ def _job(tmp_path, repo_id: str) -> ExtractJob:
     d.mkdir()
     save_file({"layer.weight": np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)},
               str(d / "model.safetensors"))
-    return ExtractJob(RepoLocation(repo_id, "0" * 40, local_dir=str(d)), "org/root", ("model.safetensors",),
+    return ExtractJob(LocalOpener(repo_id, "0" * 40, str(d)), "org/root", ("model.safetensors",),
                       ("layer.weight",), str(tmp_path / "shards"))
 
 

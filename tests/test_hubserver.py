@@ -11,9 +11,14 @@ from huggingface_hub.errors import RevisionNotFoundError
 from huggingface_hub.utils import get_session
 from minilake import build_lake
 
+from storage.http import HttpClient
 from storage.sources import HubSource, LocalSource, RateLimited, RetryPolicy, SourceError, Status
 
-FAST = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=5)
+FAST = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=5, jitter=0)  # exact waits to assert
+
+
+def client(sleep=time.sleep) -> HttpClient:
+    return HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=FAST, sleep=sleep)
 
 
 @pytest.fixture
@@ -27,8 +32,8 @@ def hub(lake):
         yield server
 
 
-def source(hub, **kw) -> HubSource:
-    return HubSource(endpoint=hub.url, token=kw.pop("token", None), retry=kw.pop("retry", FAST), **kw)
+def source(hub, token=None, sleep=time.sleep) -> HubSource:
+    return HubSource(endpoint=hub.url, token=token, http=client(sleep))
 
 
 def test_records_identical_to_local_source_across_pages(hub, lake):
@@ -59,23 +64,21 @@ def test_window_stops_paging_early(hub, lake):
 
 def test_listing_429_waits_retry_after_then_succeeds(hub, lake):
     hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "list", 1, "0"
-    start = time.monotonic()
-    got = list(source(hub).list_models(limit=2))
+    waits: list[float] = []
+    got = list(source(hub, sleep=waits.append).list_models(limit=2))
     assert [r.repo_id for r in got] == [r.repo_id for r in LocalSource(lake).list_models(limit=2)]
     first, second = hub.traffic.of("list")[:2]
     assert (first.status, second.status) == (429, 200)
-    # huggingface_hub's http_backoff sleeps Retry-After + 1 s before retrying the page.
-    assert second.at - first.at >= 0.95
-    assert time.monotonic() - start < 10
+    assert waits == [0.05]  # Retry-After: 0, floored at the policy's base wait
 
 
 def test_model_info_429_honours_retry_after(hub, lake):
     hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "info", 2, "1"
-    got = list(source(hub).list_models(limit=2))  # the newest has a bad id: no model_info for it
+    waits: list[float] = []
+    got = list(source(hub, sleep=waits.append).list_models(limit=2))  # the newest has a bad id: no info
     assert got == list(LocalSource(lake).list_models(limit=2))
-    infos = hub.traffic.of("info")
-    assert [h.status for h in infos] == [429, 429, 200]
-    assert infos[1].at - infos[0].at >= 0.95 and infos[2].at - infos[1].at >= 0.95
+    assert [h.status for h in hub.traffic.of("info")] == [429, 429, 200]
+    assert waits == [1.0, 1.0]
 
 
 def test_ratelimit_header_reset_is_honoured(hub):
@@ -121,18 +124,17 @@ def test_404_marks_the_repo_not_the_run(hub, lake):
     assert all(recs[k] == local[k] for k in local if k != "org/child-ft")
 
 
-def test_unreachable_endpoint_is_a_source_error(monkeypatch):
-    import huggingface_hub.utils._http as hf_http
-
-    monkeypatch.setattr(hf_http.time, "sleep", lambda s: None)  # skip huggingface_hub's own back-off
-    with pytest.raises(SourceError, match="listing models at http://127.0.0.1:9"):
-        list(HubSource(endpoint="http://127.0.0.1:9").list_models())
+def test_unreachable_endpoint_is_a_source_error():
+    waits: list[float] = []
+    with pytest.raises(SourceError, match=r"GET http://127.0.0.1:9/api/models: cannot reach .* after 4 tries"):
+        list(HubSource(endpoint="http://127.0.0.1:9", http=client(waits.append)).list_models())
+    assert waits == [0.05, 0.1, 0.2]
 
 
 def test_env_endpoint_and_token(hub, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    src = HubSource(retry=FAST)
+    src = HubSource(http=client())
     assert src.name == f"hub:{hub.url}" and src.auth_token == "hf_test_token"
     next(src.list_models())
     assert {h.authorization for h in hub.traffic.hits} == {"Bearer hf_test_token"}
@@ -141,7 +143,7 @@ def test_env_endpoint_and_token(hub, monkeypatch):
 def test_hf_hub_download_and_urls(hub, lake, tmp_path):
     src = source(hub)
     rec = next(r for r in src.list_models() if r.repo_id == "org/child-ft")
-    url = src.file_url_or_path(rec.repo_id, rec.sha, "model.safetensors")
+    url = src.opener(rec.repo_id, rec.sha).url("model.safetensors")
     assert url == f"{hub.url}/org/child-ft/resolve/{rec.sha}/model.safetensors"
     path = hf_hub_download(rec.repo_id, "model.safetensors", revision=rec.sha, endpoint=hub.url,
                            cache_dir=tmp_path / "cache")
@@ -175,8 +177,7 @@ def test_safetensors_reader_reads_header_through_server(hub, lake):
     reader = pytest.importorskip("storage.safetensors_reader")
     src = source(hub)
     rec = next(r for r in src.list_models() if r.repo_id == "org/child-lora")
-    url = src.file_url_or_path(rec.repo_id, rec.sha, "adapter_model.safetensors")
-    header = reader.read_header(reader.HttpFile(url, token=src.auth_token))
+    header = reader.read_header(src.opener(rec.repo_id, rec.sha).open("adapter_model.safetensors"))
     assert {"layer.weight", "layer.bias"} <= set(header.tensors)
 
 
@@ -197,3 +198,17 @@ def test_unexpected_http_error_stops_the_run_with_a_clear_error(hub):
     hub.faults.route, hub.faults.server_errors, hub.faults.server_error_status = "info", 1, 403
     with pytest.raises(SourceError, match="HTTP 403 for 'org/nested'.*HF_TOKEN"):
         list(source(hub).list_models())
+
+
+def test_model_info_rereads_one_repo_like_the_listing(hub, lake):
+    import pickle
+
+    src = source(hub)
+    listed = {r.repo_id: r for r in src.list_models()}
+    assert src.model_info("org/child-ft", listed["org/child-ft"].sha) == listed["org/child-ft"]
+    assert src.model_info("org/child-ft") == listed["org/child-ft"]  # no sha: the current one
+    hub.faults.not_found = {"org/child-ft"}
+    assert src.model_info("org/child-ft").status == Status.NOT_FOUND
+    opener = pickle.loads(pickle.dumps(src.opener("org/child-lora", listed["org/child-lora"].sha)))
+    assert opener.http == src.http and "token" not in repr(opener)
+    assert opener.open("adapter_model.safetensors").size() == (lake / "org/child-lora/adapter_model.safetensors").stat().st_size

@@ -305,9 +305,14 @@ def test_http_reads_match_the_servers_byte_count(tmp_path, server):
 def test_http_retries_503_then_succeeds(tmp_path, server):
     sample(tmp_path)
     server.fail_next = 2
-    src = HttpFile(f"{server.url}/model.safetensors", token=False, base_wait=0.01)
+    from storage.http import HttpClient, RetryPolicy
+
+    waits: list[float] = []
+    http = HttpClient(retry=RetryPolicy(base_wait_s=0.01), sleep=waits.append)
+    src = HttpFile(f"{server.url}/model.safetensors", token=False, http=http)
     assert "a.weight" in read_header(src).tensors
     assert src.requests == 4 and src.bytes_read == server.bytes_served
+    assert waits == [0.01, 0.01]  # Retry-After: 0, floored at the base wait
 
 
 def test_http_refuses_a_server_that_ignores_range(tmp_path, server):
@@ -341,4 +346,4 @@ def test_sources_pickle_for_dask(tmp_path):
     clone = pickle.loads(pickle.dumps(src))
     assert "a.weight" in read_header(clone).tensors
     http = pickle.loads(pickle.dumps(HttpFile("http://127.0.0.1:1/x", session=object())))
-    assert http._session is None
+    assert http._session is None and http.http.read_timeout_s > 0  # timeouts travel to the worker

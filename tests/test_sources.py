@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -179,17 +180,26 @@ def test_several_problems_all_named_first_decides_status(tmp_path):
     assert "base_model must be" in rec.reason and "no config.json" in rec.reason
 
 
-def test_file_paths_and_errors(lake):
+def test_opener_paths_and_errors(lake):
     src = LocalSource(lake)
     rec = by_id(src)["org/child-ft"]
-    path = src.file_url_or_path(rec.repo_id, rec.sha, "model.safetensors")
+    opener = src.opener(rec.repo_id, rec.sha)
+    path = opener.open("model.safetensors").path
     assert Path(path).is_file() and Path(path).is_relative_to(lake)
-    with pytest.raises(SourceError, match="has no file"):
-        src.file_url_or_path(rec.repo_id, rec.sha, "../../etc/passwd")
-    with pytest.raises(SourceError, match="no repo"):
-        src.file_url_or_path("../org", rec.sha, "x")
-    assert src.name == f"local:{lake.resolve()}"
-    assert src.auth_token is None
+    with pytest.raises(FileNotFoundError, match="not a file inside repo"):
+        opener.open("../../etc/passwd")
+    with pytest.raises(FileNotFoundError, match="not a file inside repo"):
+        opener.open("/etc/passwd")
+    assert src.name == src.spec == f"local:{lake.resolve()}"
+    assert pickle.loads(pickle.dumps(opener)) == opener
+
+
+def test_model_info_reads_one_repo(lake):
+    src = LocalSource(lake)
+    rec = by_id(src)["org/child-ft"]
+    assert src.model_info("org/child-ft", rec.sha) == rec
+    gone = src.model_info("org/nope")
+    assert gone.status == Status.NOT_FOUND and "org/nope" in gone.reason
 
 
 def test_missing_folder_says_what_to_do(tmp_path):
@@ -200,8 +210,15 @@ def test_missing_folder_says_what_to_do(tmp_path):
 def test_open_source_picks_by_spec(lake, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     assert isinstance(open_source(str(lake)), LocalSource)
+    assert open_source(f"local:{lake}").name == open_source(str(lake)).name == f"local:{lake.resolve()}"
     assert open_source("hub").name == "hub:https://huggingface.co"
     assert open_source("hub:http://127.0.0.1:9/").name == "hub:http://127.0.0.1:9"
+    for src in (open_source(str(lake)), open_source("hub:http://127.0.0.1:9")):
+        assert open_source(src.spec).spec == src.spec  # a stored name reopens the same source
+    with pytest.raises(SourceError, match="no source is registered for 's3'.*hub, local"):
+        open_source("s3://bucket/lake")
+    with pytest.raises(SourceError, match="needs a folder"):
+        open_source("local:")
 
 
 def test_card_parse_cost_is_bounded(tmp_path):

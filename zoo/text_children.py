@@ -25,6 +25,7 @@ import enum
 import functools
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -152,7 +153,9 @@ def _peft_model(base: TextBase, n_labels: int, rank: int, alpha: int, lora_init_
     )
     # lora_A is drawn from torch's global RNG: seed it, without disturbing the caller's stream.
     # Many real fine-tunes share PEFT's default seed, hence a tree-wide lora_init_seed.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question (is_gradient_checkpointing): not ours to fix
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
         torch.manual_seed(lora_init_seed)
         return get_peft_model(bert, config)
 

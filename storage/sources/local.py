@@ -12,8 +12,9 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 
 from storage.records import ModelRecord, RepoFile
+from storage.safetensors_reader import LocalFile
 from storage.sources import parse
-from storage.sources.base import Source, SourceError, as_utc, in_window
+from storage.sources.base import RepoOpener, Source, SourceError, as_utc, in_window
 from storage.sources.parse import CARD_FILE, CONFIG_FILE, Problems, Status
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -86,11 +87,28 @@ def snapshot_folder(repo_id: str, folder: Path) -> RepoSnapshot:
     return RepoSnapshot(repo_id, folder, files, _content_sha(files), ms_time(first), ms_time(last))
 
 
+@dataclass(frozen=True)
+class LocalOpener(RepoOpener):
+    """A repo folder's files, read with seek/read. A folder keeps no history: if the repo changed
+    since it was listed (its sha differs), the files are the current bytes; compare shas to notice."""
+
+    folder: str
+
+    def open(self, filename: str) -> LocalFile:
+        path = os.path.normpath(os.path.join(self.folder, filename))
+        if os.path.isabs(filename) or not path.startswith(os.path.join(self.folder, "")):
+            # FileNotFoundError, as for any missing file: the caller quarantines the model
+            raise FileNotFoundError(f"{filename!r} is not a file inside repo {self.repo_id!r}")
+        return LocalFile(path)
+
+
 class LocalSource(Source):
     """Repos under `root/<org>/<name>/`; names starting with `_` or `.` are skipped.
 
     sha: `_content_sha`. created_at / last_modified: oldest / newest file mtime (ms precision).
     """
+
+    scheme = "local"
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -99,7 +117,16 @@ class LocalSource(Source):
                 f"lake folder {self.root} does not exist or is not a folder; "
                 "build one with `probex zoo build --out DIR` or pass the right path"
             )
-        self.name = f"local:{self.root}"
+        self.name = f"{self.scheme}:{self.root}"
+
+    @classmethod
+    def from_spec(cls, where: str) -> LocalSource:
+        if not where:
+            raise SourceError("`local` needs a folder: give `local:/path/to/lake` or just the path")
+        return cls(where)
+
+    def opener(self, repo_id: str, sha: str) -> LocalOpener:
+        return LocalOpener(repo_id, sha, str(self.root / repo_id))
 
     # -- discovery ------------------------------------------------------------------------
     def _repo_folders(self) -> Iterator[tuple[str, Path]]:
@@ -169,15 +196,13 @@ class LocalSource(Source):
             problems=problems,
         )
 
-    def file_url_or_path(self, repo_id: str, sha: str, filename: str) -> str:
-        """The file's path. A folder keeps no history: if the repo changed since it was listed
-        (its sha differs), the path still points at the current bytes; compare shas to notice."""
+    def model_info(self, repo_id: str, sha: str | None = None) -> ModelRecord:
+        """The repo as it is now (a folder has one revision: `sha` is not looked up)."""
         snap = self.snapshot(repo_id)
         if snap is None:
-            raise SourceError(f"no repo {repo_id!r} under {self.root}; was it removed since the crawl?")
-        if snap.file(filename) is None:
-            raise SourceError(f"repo {repo_id!r} has no file {filename!r}; re-crawl to refresh its file list")
-        return str(snap.folder / filename)
+            return parse.bare_record(repo_id, sha or "", None, None, Status.NOT_FOUND,
+                                     f"no repo folder {repo_id!r} under {self.root}: removed since the crawl?")
+        return self.record(snap)
 
 
 def read_card(snap: RepoSnapshot) -> tuple[ModelCardData, str | None]:
