@@ -10,6 +10,8 @@ version).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +31,9 @@ MODEL_KEY = ["repo_id", "sha"]
 TREE_KEY = ["tree_id"]
 EMBEDDING_KEY = ["repo_id", "sha", "expert_version"]
 WATERMARK_KEY = ["source"]
+ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares
+LOOKUP_CHUNK = 500  # keys per IN (...) filter when an upsert looks up stored hashes
+_ABSENT = object()
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -153,61 +158,79 @@ class Catalog:
         return q.limit(None).to_arrow()
 
     def upsert(self, name: str, rows: list[dict], key: list[str], schema: pa.Schema) -> UpsertResult:
-        """Insert new rows, update rows whose content changed, leave identical rows alone."""
+        """Insert new rows, update rows whose content changed, leave identical rows alone.
+
+        Cost follows the rows given, not the table: the stored content hashes of just their keys
+        are read (a filtered, projected query), and only new or changed rows are merged."""
         if not rows:
             return UpsertResult(0, 0, 0)
-        incoming = pa.Table.from_pylist(rows, schema=schema)
-        existing = {}
-        if self.has(name):
-            for r in self.db.open_table(name).to_arrow().to_pylist():
-                existing[tuple(r[k] for k in key)] = r
-        new, changed, unchanged, send = 0, 0, 0, []
-        for r in incoming.to_pylist():
-            k = tuple(r[c] for c in key)
-            old = existing.get(k)
-            if old is None:
+        schema = with_hash(schema)
+        incoming = pa.Table.from_pylist(rows, schema=schema.remove(schema.get_field_index(ROW_HASH)))
+        records = incoming.to_pylist()  # Arrow's canonical values: the hash of a row read back is the same
+        hashes = [row_hash(r) for r in records]
+        stored = self._stored_hashes(name, key, records)
+        new, changed, send = 0, 0, []
+        for r, h in zip(records, hashes):
+            old = stored.get(tuple(r[c] for c in key), _ABSENT)
+            if old is _ABSENT:
                 new += 1
-                send.append(r)
-            elif _differs(old, r, schema):
+            elif old != h:
                 changed += 1
-                send.append(r)
             else:
-                unchanged += 1
+                continue
+            send.append({**r, ROW_HASH: h})
         if send:
             tbl = self._table_for_write(name, schema)
-            batch = pa.Table.from_pylist(send, schema=schema)
             # Columns added to the contract after the table was made: add them before the write.
             missing = [f for f in schema if f.name not in tbl.schema.names]
             if missing:
                 tbl.add_columns(pa.schema(missing))
             (
                 tbl.merge_insert(key)
-                .when_matched_update_all()
+                # a concurrent writer may have stored the same content since we looked
+                .when_matched_update_all(where=f"target.{ROW_HASH} IS NULL OR target.{ROW_HASH} != source.{ROW_HASH}")
                 .when_not_matched_insert_all()
-                .execute(batch)
+                .execute(pa.Table.from_pylist(send, schema=schema))
             )
-        return UpsertResult(new, changed, unchanged)
+        return UpsertResult(new, changed, len(records) - new - changed)
+
+    def _stored_hashes(self, name: str, key: list[str], records: list[dict]) -> dict[tuple, str | None]:
+        """{key: stored content hash (None for a row written before hashes)} for these records'
+        keys only, filtered on the first key column in LanceDB."""
+        if not self.has(name):
+            return {}
+        tbl = self.db.open_table(name)
+        has_hash = ROW_HASH in tbl.schema.names
+        first = sorted({r[key[0]] for r in records})
+        out: dict[tuple, str | None] = {}
+        for i in range(0, len(first), LOOKUP_CHUNK):
+            chunk = ", ".join(_sql(v) for v in first[i:i + LOOKUP_CHUNK])
+            q = tbl.search().where(f"{key[0]} IN ({chunk})").select(key + ([ROW_HASH] if has_hash else []))
+            for r in q.limit(None).to_arrow().to_pylist():
+                out[tuple(r[c] for c in key)] = r.get(ROW_HASH)
+        return out
 
     # -- models and trees ---------------------------------------------------------------------
     def upsert_models(self, rows: list[dict]) -> UpsertResult:
         return self.upsert(MODELS, rows, MODEL_KEY, MODELS_SCHEMA)
 
-    def tree_children(self, tree_id: str, models: list[dict] | None = None) -> list[dict]:
+    def tree_children(self, tree_id: str, models: list[dict] | None = None,
+                      columns: list[str] | None = None) -> list[dict]:
         """The tree's current, readable fine-tunes (not the root, not superseded or quarantined):
-        what experts train on and embed. `models` reuses rows already read."""
-        rows = self.read(MODELS).to_pylist() if models is None else models
-        return [r for r in rows if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
+        what experts train on and embed. `models` reuses rows already read; else only this
+        tree's rows (and `columns`) are read, filtered in LanceDB."""
+        if models is None:
+            where = f"tree_id = {_sql(tree_id)} AND status = 'ok' AND repo_id != {_sql(tree_id)}"
+            return self.read(MODELS, where=where, columns=columns).to_pylist()
+        return [r for r in models if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
 
     def upsert_trees(self, rows: list[dict]) -> UpsertResult:
         return self.upsert(TREES, rows, TREE_KEY, TREES_SCHEMA)
 
     # -- watermarks ---------------------------------------------------------------------------
     def watermark(self, source: str) -> datetime | None:
-        rows = self.read(WATERMARKS).to_pylist()
-        for r in rows:
-            if r["source"] == source:
-                return r["watermark"]
-        return None
+        rows = self.read(WATERMARKS, where=f"source = {_sql(source)}", columns=["watermark"]).to_pylist()
+        return rows[0]["watermark"] if rows else None
 
     def set_watermark(self, source: str, value: datetime) -> None:
         """Call only after the rows up to `value` are committed (the watermark never runs ahead)."""
@@ -222,10 +245,21 @@ class Catalog:
         return self.table(name).version
 
 
-def _differs(old: dict, new: dict, schema: pa.Schema) -> bool:
-    for f in schema:
-        a, b = old.get(f.name), new.get(f.name)
-        if a != b:
-            return True
-    return False
+def with_hash(schema: pa.Schema) -> pa.Schema:
+    return schema if ROW_HASH in schema.names else schema.append(pa.field(ROW_HASH, pa.string()))
+
+
+def row_hash(row: dict) -> str:
+    """A stable digest of a row's content (its values as Arrow gives them back)."""
+    body = json.dumps({k: v for k, v in row.items() if k != ROW_HASH}, sort_keys=True, default=str)
+    return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+
+
+def _sql(value) -> str:
+    """A SQL literal for a LanceDB filter."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 

@@ -104,6 +104,7 @@ def test_tree_without_expert_is_a_typed_error(tiny_home, tmp_path):
         q.search("dog", tree="efficientnet/efficientnet-lite0")
 
 
+@pytest.mark.slow  # starts servers or processes: the full suite runs it
 def test_a_local_prefect_api_that_cannot_start_is_one_line(tmp_path):
     """No PREFECT_API_URL: the command starts a local server; when that fails (here its database
     cannot be created) the user gets one line naming the server log and the setting. Run as a

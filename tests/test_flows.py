@@ -71,6 +71,7 @@ def test_failed_ingest_leaves_the_watermark(home, api, monkeypatch):
     assert cat.watermark(f"local:{(home / 'lake').resolve()}") is None
 
 
+@pytest.mark.slow  # starts servers or processes: the full suite runs it
 def test_killed_ingest_resumes_without_duplicates_or_losses(home):
     env = {**os.environ, "PROBEX_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
@@ -105,6 +106,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # starts servers or processes: the full suite runs it
 def test_deployments_deploy_and_a_worker_runs_backfill(home, tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"

@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "explore_catalog.ipynb"
 
 
+@pytest.mark.slow  # starts a kernel: the full suite runs it
 def test_explore_catalog_notebook_runs(tiny_home, monkeypatch):
     s, _ = tiny_home
     monkeypatch.setenv("PROBEX_HOME", str(s.home))

@@ -118,6 +118,7 @@ def test_filter_columns_get_bitmap_indexes_replacing_an_old_btree(tiny_home, tmp
     assert all(on[c] == ["Bitmap"] for c in FILTER_COLUMNS)
 
 
+@pytest.mark.slow  # a full evaluation with baselines: the full suite runs it
 def test_eval_json_has_the_shape_scheduled_jobs_read(tiny_home):
     """`probex eval --json`: per tree its task, layer, split sizes and, for ProbeX, Dense and StatNN,
     the task's metrics only (multi-label: accuracy + mAP; zero-shot: top-1 + zero-shot top-1/5 with
