@@ -319,6 +319,24 @@ def embed(
         [[t, v["version"], v["models"]] for t, v in d["trees"].items()])))
 
 
+@app.command()
+def maintain(
+    keep_days: float = typer.Option(14, "--keep-days", min=0, help="Drop table versions older than this."),
+    keep_tags: int = typer.Option(14, "--keep-tags", min=0, help="Keep this many newest tags per table."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Compact the catalog's tables, update their indexes, and drop old versions."""
+    from tasks.pipeline import maintain_step
+
+    s = settings_for(home)
+    doc = run_command(lambda: maintain_step(s, keep_days, keep_tags))
+    emit(doc, as_json, lambda d: out.print(table(
+        "catalog maintenance", ["table", "version", "versions removed", "MB removed", "tags kept"],
+        [[t, r["version"], r["versions_removed"], r["bytes_removed"] / 2**20, r["tags_kept"]]
+         for t, r in d["tables"].items()])))
+
+
 # -- queries ------------------------------------------------------------------------------------
 def open_query(home: Optional[Path]):
     from storage.query import CatalogQuery

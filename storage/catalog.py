@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lancedb
@@ -31,6 +31,11 @@ MODEL_KEY = ["repo_id", "sha"]
 TREE_KEY = ["tree_id"]
 EMBEDDING_KEY = ["repo_id", "sha", "expert_version"]
 WATERMARK_KEY = ["source"]
+# Filtered columns per table: BTREE for keys of many values, BITMAP for a handful (status).
+SCALAR_INDEXES = {
+    MODELS: {"repo_id": "btree", "tree_id": "btree", "status": "bitmap"},
+    TREES: {"tree_id": "btree"},
+}
 ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares
 LOOKUP_CHUNK = 500  # keys per IN (...) filter when an upsert looks up stored hashes
 _ABSENT = object()
@@ -181,6 +186,7 @@ class Catalog:
             send.append({**r, ROW_HASH: h})
         if send:
             tbl = self._table_for_write(name, schema)
+            fresh_table = tbl.count_rows() == 0
             # Columns added to the contract after the table was made: add them before the write.
             missing = [f for f in schema if f.name not in tbl.schema.names]
             if missing:
@@ -192,7 +198,47 @@ class Catalog:
                 .when_not_matched_insert_all()
                 .execute(pa.Table.from_pylist(send, schema=schema))
             )
+            if fresh_table:
+                self.ensure_scalar_indexes(name)
         return UpsertResult(new, changed, len(records) - new - changed)
+
+    def ensure_scalar_indexes(self, name: str) -> list[str]:
+        """Indexes on the columns steps filter by (SCALAR_INDEXES); rows written after an index
+        was built are still found (scanned) until `maintain` folds them in. Returns those made."""
+        if not self.has(name):
+            return []
+        tbl = self.db.open_table(name)
+        have = {tuple(i.columns) for i in tbl.list_indices()}
+        made = []
+        for column, kind in SCALAR_INDEXES.get(name, {}).items():
+            if (column,) not in have and column in tbl.schema.names:
+                from lancedb.index import Bitmap, BTree
+
+                tbl.create_index(column, config=BTree() if kind == "btree" else Bitmap(), name=f"{column}_idx")
+                made.append(column)
+        return made
+
+    def maintain(self, keep_days: float = 14, keep_tags: int = 7) -> dict[str, dict]:
+        """Compact every table, fold new rows into its indexes, drop versions older than
+        `keep_days` and all but the newest `keep_tags` tags (a tag pins its version's files).
+        Readers are unaffected: they see the last committed version throughout."""
+        report = {}
+        for name in self.db.list_tables().tables:
+            tbl = self.db.open_table(name)
+            tags = sorted(tbl.tags.list().items(), key=lambda kv: kv[1]["version"])
+            dropped = [name for name, _ in tags[:max(0, len(tags) - keep_tags)]]
+            for tag in dropped:
+                tbl.tags.delete(tag)
+            self.ensure_scalar_indexes(name)
+            before = tbl.version
+            tbl.optimize()  # compaction and index updates, each a new version
+            # Tagged versions older than the cut stay (their tag pins them); the rest go.
+            stats = tbl.to_lance().cleanup_old_versions(older_than=timedelta(days=keep_days),
+                                                        error_if_tagged_old_versions=False)
+            report[name] = {"version_before": before, "version": tbl.version, "tags_dropped": len(dropped),
+                            "tags_kept": len(tags) - len(dropped), "versions_removed": stats.old_versions,
+                            "bytes_removed": stats.bytes_removed}
+        return report
 
     def _stored_hashes(self, name: str, key: list[str], records: list[dict]) -> dict[tuple, str | None]:
         """{key: stored content hash (None for a row written before hashes)} for these records'

@@ -237,3 +237,16 @@ def list_trees_task(home: str | None, trees: list[str] | None = None) -> list[st
 def evaluate_task(home: str | None, trees: list[str] | None = None, baselines: bool = True,
                   cross: bool = True) -> dict:
     return eval_step(configure(home), trees, baselines=baselines, cross=cross)
+
+
+def maintain_step(settings: Settings, keep_days: float = 14, keep_tags: int = 14) -> dict:
+    """Compaction, index updates and version clean-up of every catalog table."""
+    if keep_days < 0 or keep_tags < 0:
+        raise ProbexError("keep_days and keep_tags must be >= 0")
+    return {"tables": catalog_for(settings, create=False).maintain(keep_days=keep_days, keep_tags=keep_tags),
+            "keep_days": keep_days, "keep_tags": keep_tags}
+
+
+@task(name="maintain-catalog", retries=1, retry_delay_seconds=60, retry_condition_fn=transient)
+def maintain_task(home: str | None, keep_days: float = 14, keep_tags: int = 14) -> dict:
+    return maintain_step(configure(home), keep_days, keep_tags)

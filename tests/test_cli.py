@@ -40,7 +40,7 @@ def labels(tiny_home):
 
 def test_every_command_has_help():
     for cmd in ["zoo build", "crawl", "trees", "extract", "train", "eval", "embed", "search", "classify",
-                "similar", "ingest", "demo"]:
+                "similar", "ingest", "demo", "maintain"]:
         r = runner.invoke(app, cmd.split() + ["--help"])
         assert r.exit_code == 0 and "--home" in r.output, cmd
 
@@ -161,3 +161,14 @@ def test_tables_stay_readable_in_an_80_column_log():
     body = text.splitlines()[text.splitlines().index(next(l for l in text.splitlines() if "───" in l)) + 1:]
     first_column = "".join(line.split()[0] for line in body if line.strip())
     assert first_column == cells[0]
+
+
+def test_maintain_compacts_a_copy_of_the_catalog(tiny_home, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_home[0].catalog, tmp_path / "catalog")
+    r = runner.invoke(app, ["maintain", "--keep-days", "0", "--json", "--home", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert {"models", "trees", "embeddings"} <= set(doc["tables"])
+    assert run("trees", home=tmp_path).exit_code == 0
