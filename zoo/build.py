@@ -513,10 +513,6 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     """Build (or finish building) the lake of (size, seed) in `out` with `workers` processes.
     `mess=False` turns every kind of mess off; keyword flags set single fields of `Mess`
     (undeclared, chains, corrupt, outsiders)."""
-    if _holds_threads() and _pool_context().get_start_method() == "fork":
-        # LanceDB's runtime threads make a fork unsafe: build from a fresh process, which forks.
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
-            return fresh.submit(build_lake, out, size, seed, progress, mess, workers, **mess_flags).result()
     started = time.perf_counter()
     out = Path(out).absolute()
     unknown = set(mess_flags) - {f.name for f in fields(Mess)}
@@ -525,6 +521,11 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     plan = make_plan(size, seed, replace(Mess() if mess else Mess.none(), **mess_flags))
     fashion_mnist.load_split("train")  # fail on missing data before anything is written
     _prepare_out(out, plan)
+    if _holds_threads() and _pool_context().get_start_method() == "fork":
+        # LanceDB's runtime threads make a fork unsafe: build from a fresh process, which forks.
+        # Bad input has failed above, in this process, with its own error.
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
+            return fresh.submit(build_lake, out, size, seed, progress, mess, workers, **mess_flags).result()
     hub_repo.clean_partials(out)
 
     index = {m.repo_id: i for i, m in enumerate(plan.models)}
