@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from probex_core.errors import ProbexError
@@ -45,13 +46,14 @@ class TensorReadError(ProbexError):
 class CorruptFileError(TensorReadError):
     """The file is not a valid safetensors file (or its values are unusable): quarantine it.
 
-    Reasons: truncated, header_too_large, bad_header, bad_json, unknown_dtype, offset_past_end,
-    overlapping, size_mismatch, nonfinite.
+    Reasons: truncated, header_too_large, bad_header, bad_json, offset_past_end, overlapping,
+    size_mismatch, nonfinite. (A dtype this reader does not know is not corruption: the file may
+    be newer than the reader; only a request for that tensor fails, as `unsupported_dtype`.)
     """
 
 
 class UnsupportedTensorError(TensorReadError):
-    """A valid tensor this reader cannot decode (e.g. FP8 without ml_dtypes), or a missing one."""
+    """A valid tensor this reader cannot decode (`unsupported_dtype`), or a missing one."""
 
 
 class RangeRequestError(TensorReadError):
@@ -194,26 +196,39 @@ class HttpFile(ByteSource):
 
 # --- header -----------------------------------------------------------------------------------
 
-# name -> (bytes per element, numpy little-endian dtype or None if numpy cannot decode it)
-DTYPES: dict[str, tuple[int, str | None]] = {
-    "BOOL": (1, "?"),
-    "U8": (1, "u1"),
-    "I8": (1, "i1"),
-    "U16": (2, "<u2"),
-    "I16": (2, "<i2"),
-    "U32": (4, "<u4"),
-    "I32": (4, "<i4"),
-    "U64": (8, "<u8"),
-    "I64": (8, "<i8"),
-    "F16": (2, "<f2"),
-    "BF16": (2, None),  # decoded by hand below
-    "F32": (4, "<f4"),
-    "F64": (8, "<f8"),
-    "F8_E4M3": (1, None),
-    "F8_E5M2": (1, None),
-    "F8_E8M0": (1, None),
+# Every dtype of the safetensors format (the Rust crate's `Dtype`): name -> (bits per element,
+# the numpy dtype one stored code is viewed as). ml_dtypes supplies the float formats numpy lacks;
+# sub-byte codes (F4, F6) are unpacked to one byte each before the view.
+DTYPES: dict[str, tuple[int, np.dtype]] = {
+    "BOOL": (8, np.dtype("?")),
+    "U8": (8, np.dtype("u1")),
+    "I8": (8, np.dtype("i1")),
+    "U16": (16, np.dtype("<u2")),
+    "I16": (16, np.dtype("<i2")),
+    "U32": (32, np.dtype("<u4")),
+    "I32": (32, np.dtype("<i4")),
+    "U64": (64, np.dtype("<u8")),
+    "I64": (64, np.dtype("<i8")),
+    "F16": (16, np.dtype("<f2")),
+    "BF16": (16, np.dtype(ml_dtypes.bfloat16)),
+    "F32": (32, np.dtype("<f4")),
+    "F64": (64, np.dtype("<f8")),
+    "C64": (64, np.dtype("<c8")),
+    "F8_E4M3": (8, np.dtype(ml_dtypes.float8_e4m3fn)),
+    "F8_E5M2": (8, np.dtype(ml_dtypes.float8_e5m2)),
+    "F8_E8M0": (8, np.dtype(ml_dtypes.float8_e8m0fnu)),
+    "F8_E4M3FNUZ": (8, np.dtype(ml_dtypes.float8_e4m3fnuz)),
+    "F8_E5M2FNUZ": (8, np.dtype(ml_dtypes.float8_e5m2fnuz)),
+    "F6_E2M3": (6, np.dtype(ml_dtypes.float6_e2m3fn)),
+    "F6_E3M2": (6, np.dtype(ml_dtypes.float6_e3m2fn)),
+    "F4": (4, np.dtype(ml_dtypes.float4_e2m1fn)),
 }
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
+FLOAT_DTYPES = {n for n in DTYPES if n.startswith(("F", "BF"))}
+
+
+def nbytes_of(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes a tensor occupies: sub-byte dtypes are packed, so ceil(numel * bits / 8)."""
+    return -(-math.prod(shape) * DTYPES[dtype][0] // 8)
 
 
 @dataclass(frozen=True)
@@ -255,8 +270,8 @@ def _parse_entry(name: str, entry, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CorruptFileError("bad_header", f"tensor {name!r} lacks dtype/shape/data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise CorruptFileError("unknown_dtype", f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(dtype, str):
+        raise CorruptFileError("bad_header", f"tensor {name!r} has a non-string dtype {dtype!r}")
     ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
     if not isinstance(shape, list) or not all(ok_int(d) for d in shape):
         raise CorruptFileError("bad_header", f"tensor {name!r} has a bad shape {shape!r}")
@@ -265,8 +280,8 @@ def _parse_entry(name: str, entry, data_start: int) -> TensorInfo:
     begin, end = offsets
     if end < begin:
         raise CorruptFileError("bad_header", f"tensor {name!r} ends before it begins ({offsets})")
-    expected = math.prod(shape) * DTYPES[dtype][0]
-    if end - begin != expected:
+    # An unknown dtype's size cannot be checked; its range is still checked against the others.
+    if dtype in DTYPES and end - begin != (expected := nbytes_of(dtype, shape)):
         raise CorruptFileError(
             "size_mismatch",
             f"tensor {name!r} spans {end - begin} bytes but {dtype}{shape} needs {expected}",
@@ -327,21 +342,50 @@ def read_header(src: ByteSource, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTE
 # --- tensors ----------------------------------------------------------------------------------
 
 
+def _unpack_codes(buf: bytes | memoryview, bits: int, count: int) -> np.ndarray:
+    """Sub-byte codes, one per byte (in its low bits). Packing is little-endian within the byte
+    stream, as torch's float4_e2m1fn_x2 (first element in the low nibble), which safetensors
+    writes for F4; F6 follows the same rule: element i holds bits [6i, 6i + 6) of the stream."""
+    raw = np.frombuffer(buf, np.uint8)
+    if bits == 4:
+        codes = np.empty(raw.size * 2, np.uint8)
+        codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
+        return codes[:count]
+    if bits == 6:  # 4 codes in 3 bytes
+        pad = np.zeros(-(-raw.size // 3) * 3, np.uint8)
+        pad[: raw.size] = raw
+        b0, b1, b2 = (pad[i::3] for i in range(3))
+        codes = np.empty((b0.size, 4), np.uint8)
+        codes[:, 0] = b0 & 0x3F
+        codes[:, 1] = (b0 >> 6) | ((b1 & 0x0F) << 2)
+        codes[:, 2] = (b1 >> 4) | ((b2 & 0x03) << 4)
+        codes[:, 3] = b2 >> 2
+        return codes.ravel()[:count]
+    raise ValueError(f"no unpacking rule for {bits}-bit codes")
+
+
 def _decode(info: TensorInfo, buf: bytes | memoryview, out_dtype, name: str) -> np.ndarray:
-    np_dtype = DTYPES[info.dtype][1]
-    if info.dtype == "BF16":
-        # bfloat16 is the top half of a float32: widen by shifting the bits 16 places.
-        bits = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
-        arr = bits.view(np.float32)
-    elif np_dtype is None:
-        raise UnsupportedTensorError("unsupported_dtype", f"tensor {name!r} is {info.dtype}, which this reader does not decode")
+    bits, dtype = DTYPES[info.dtype]
+    if bits < 8:
+        arr = _unpack_codes(buf, bits, math.prod(info.shape)).view(dtype)
     else:
-        arr = np.frombuffer(buf, dtype=np_dtype)
+        arr = np.frombuffer(buf, dtype=dtype)
     arr = arr.reshape(info.shape)
-    if info.dtype in FLOAT_DTYPES and out_dtype is not None:
-        return arr.astype(out_dtype)  # copies: the result is writable and owns its memory
-    # native: integers and (out_dtype=None) floats keep their stored dtype, as native-endian
+    if info.dtype in FLOAT_DTYPES:
+        if out_dtype is None:  # keep the stored float type where numpy has it
+            out_dtype = arr.dtype if arr.dtype.char in "efd" else np.float32
+        return arr.astype(np.dtype(out_dtype).newbyteorder("="))  # copies: writable, owns its memory
+    # integers, bool and complex keep their stored dtype, as native-endian
     return arr.astype(arr.dtype.newbyteorder("="))
+
+
+def unsupported_dtypes(header: SafetensorsHeader, names: Iterable[str]) -> None:
+    """Raise UnsupportedTensorError('unsupported_dtype') if any of `names` has a dtype this reader
+    does not know; other tensors of the same file stay readable."""
+    for name in names:
+        dtype = header.tensors[name].dtype
+        if dtype not in DTYPES:
+            raise UnsupportedTensorError("unsupported_dtype", f"unsupported dtype {dtype} (tensor {name!r})")
 
 
 def _coalesce(infos: list[TensorInfo], gap: int) -> list[tuple[int, int]]:
@@ -365,14 +409,15 @@ def read_tensors(
     """Read only the byte ranges of `names`.
 
     Floating tensors become `out_dtype` (float32 by default; `np.float16` keeps F16 as stored;
-    `None` keeps each stored dtype, except BF16 which numpy lacks and becomes float32).
-    Integer and bool tensors always keep their stored dtype.
+    `None` keeps F16/F32/F64 as stored and widens the formats numpy lacks (BF16, FP8, FP6, FP4)
+    to float32). Integer, bool and complex tensors always keep their stored dtype.
     """
     header = header or read_header(src)
     names = list(dict.fromkeys(names))
     missing = [n for n in names if n not in header.tensors]
     if missing:
         raise UnsupportedTensorError("missing_tensor", f"{src.name} has no tensor {missing[0]!r}")
+    unsupported_dtypes(header, names)  # before any byte of them is fetched
     infos = {n: header.tensors[n] for n in names}
     out: dict[str, np.ndarray] = {}
     for start, end in _coalesce(list(infos.values()), coalesce_gap):

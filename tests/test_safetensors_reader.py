@@ -9,9 +9,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
 import torch
+from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
@@ -20,8 +23,10 @@ from storage.safetensors_reader import (
     INDEX_FILENAME,
     CorruptFileError,
     HttpFile,
+    DTYPES,
     LocalFile,
     RangeRequestError,
+    UnsupportedTensorError,
     as_matrix,
     check_finite,
     read_header,
@@ -123,6 +128,116 @@ def test_sharded_model_reads_through_the_index(tmp_path):
     assert r.bytes_read == r.bytes_needed + (tmp_path / INDEX_FILENAME).stat().st_size
 
 
+# --- every dtype of the format -------------------------------------------------------------------
+
+# What safetensors' own parser accepts (its Dtype enum, listed in its error for an unknown name).
+SAFETENSORS_DTYPES = {"BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                      "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                      "C64", "F64", "I64", "U64"}
+
+
+def test_the_reader_knows_every_dtype_safetensors_parses():
+    blob = json.dumps({"x": {"dtype": "NOPE", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    with pytest.raises(Exception) as err:
+        safetensors.deserialize(struct.pack("<Q", len(blob)) + blob + b"\0")
+    listed = set(re.findall(r"`([A-Z0-9_]+)`", str(err.value).partition("expected")[2]))
+    assert listed == SAFETENSORS_DTYPES == set(DTYPES)
+
+
+def test_numpy_dtypes_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = {
+        "bool": rng.random((3, 5)) > 0.5,
+        **{k: rng.integers(np.iinfo(k).min, np.iinfo(k).max, (3, 5), dtype=k, endpoint=True)
+           for k in ("uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64")},
+        "float16": rng.standard_normal((3, 5)).astype(np.float16),
+        "float64": rng.standard_normal((3, 5)),
+        "complex64": (rng.standard_normal((3, 5)) + 1j * rng.standard_normal((3, 5))).astype(np.complex64),
+    }
+    np_save_file(tensors, str(tmp_path / "m.safetensors"))
+    ref = np_load_file(str(tmp_path / "m.safetensors"))
+    got = read_tensors(LocalFile(tmp_path / "m.safetensors"), list(tensors), out_dtype=None)
+    for k in tensors:
+        assert got[k].dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
+                                   "float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_torch_float_formats_decode_like_torch(tmp_path, dtype):
+    t = torch.randn(64, 48) * 4
+    if dtype == "float8_e8m0fnu":
+        t = t.abs() + 2.0 ** -60  # a scale format: positive powers of two only
+    stored = t.to(getattr(torch, dtype))
+    torch_save_file({"w": stored}, str(tmp_path / "m.safetensors"))
+    ref = torch_load_file(str(tmp_path / "m.safetensors"))["w"].float().numpy()
+    got = read_tensors(LocalFile(tmp_path / "m.safetensors"), ["w"])["w"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    assert read_tensors(LocalFile(tmp_path / "m.safetensors"), ["w"], out_dtype=None)["w"].dtype == np.float32
+
+
+def test_fp4_packed_as_torch_and_safetensors_write_it(tmp_path):
+    codes = np.random.default_rng(2).integers(0, 16, (6, 10), dtype=np.uint8)
+    packed = torch.from_numpy(codes[:, 0::2] | (codes[:, 1::2] << 4))  # first element: low nibble
+    torch_save_file({"w": packed.view(torch.float4_e2m1fn_x2)}, str(tmp_path / "m.safetensors"))
+    header = read_header(LocalFile(tmp_path / "m.safetensors"))
+    assert (header.tensors["w"].dtype, header.tensors["w"].shape, header.tensors["w"].nbytes) == ("F4", (6, 10), 30)
+    got = read_tensors(LocalFile(tmp_path / "m.safetensors"), ["w"])["w"]
+    np.testing.assert_array_equal(got, codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32))
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> bytes:
+    """Little-endian bit stream, written one bit at a time (independent of the reader's arithmetic)."""
+    stream = 0
+    for i, c in enumerate(codes.ravel().tolist()):
+        stream |= int(c) << (i * bits)
+    return stream.to_bytes(-(-codes.size * bits // 8), "little")
+
+
+@pytest.mark.parametrize("name, dtype", [("F6_E2M3", ml_dtypes.float6_e2m3fn), ("F6_E3M2", ml_dtypes.float6_e3m2fn)])
+def test_fp6_files_the_safetensors_parser_accepts(tmp_path, name, dtype):
+    codes = np.random.default_rng(3).integers(0, 64, (4, 6), dtype=np.uint8)
+    data = pack_bits(codes, 6)
+    path = write_raw(tmp_path / "m.safetensors", {"w": {"dtype": name, "shape": [4, 6], "data_offsets": [0, len(data)]}}, data)
+    assert len(data) == 18 and safetensors.deserialize(path.read_bytes())[0][1]["dtype"] == name
+    got = read_tensors(LocalFile(path), ["w"])["w"]
+    np.testing.assert_array_equal(got, codes.view(dtype).astype(np.float32))
+
+
+def test_sub_byte_sizes_round_up_to_whole_bytes(tmp_path):
+    codes = np.array([1, 7, 12], np.uint8)  # 3 FP4 values: 12 bits in 2 bytes; 3 FP6: 18 bits in 3
+    header = {"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]},
+              "b": {"dtype": "F6_E3M2", "shape": [3], "data_offsets": [2, 5]}}
+    path = write_raw(tmp_path / "m.safetensors", header, pack_bits(codes, 4) + pack_bits(codes, 6))
+    got = read_tensors(LocalFile(path), ["a", "b"])
+    np.testing.assert_array_equal(got["a"], codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    np.testing.assert_array_equal(got["b"], codes.view(ml_dtypes.float6_e3m2fn).astype(np.float32))
+    short = {"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}
+    assert _reason(write_raw(tmp_path / "short", short, b"\0")) == "size_mismatch"
+
+
+def test_an_unknown_dtype_matters_only_when_that_tensor_is_requested(tmp_path):
+    w = np.arange(6, dtype=np.float32)
+    header = {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+              "future": {"dtype": "F3_E1M1", "shape": [8], "data_offsets": [24, 27]}}
+    path = write_raw(tmp_path / "model.safetensors", header, w.tobytes() + b"abc")
+    src = LocalFile(path)
+    np.testing.assert_array_equal(read_tensors(src, ["w"])["w"], w.reshape(2, 3))
+    with pytest.raises(UnsupportedTensorError) as err:
+        read_repo_tensors(lambda f: LocalFile(tmp_path / f), ["future", "w"], ["model.safetensors"])
+    assert err.value.reason == "unsupported_dtype" and err.value.message.startswith("unsupported dtype F3_E1M1")
+    assert not isinstance(err.value, CorruptFileError)
+    lying = {**header, "future": {**header["future"], "data_offsets": [20, 27]}}
+    assert _reason(write_raw(tmp_path / "overlap", lying, w.tobytes() + b"abc")) == "overlapping"
+
+
+def test_fp8_nan_is_reported(tmp_path):
+    torch_save_file({"w": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CorruptFileError, match="nonfinite"):
+        read_repo_tensors(lambda f: LocalFile(tmp_path / f), ["w"], ["model.safetensors"])
+
+
 # --- corrupt files --------------------------------------------------------------------------------
 
 
@@ -153,7 +268,7 @@ def test_lying_headers(tmp_path):
     overlap = {"w": t, "v": {**t, "data_offsets": [8, 24]}}
     assert _reason(write_raw(tmp_path / "overlap", overlap, data)) == "overlapping"
     assert _reason(write_raw(tmp_path / "size", {"w": {**t, "shape": [3, 2]}}, data)) == "size_mismatch"
-    assert _reason(write_raw(tmp_path / "dtype", {"w": {**t, "dtype": "F31"}}, data)) == "unknown_dtype"
+    assert _reason(write_raw(tmp_path / "dtype", {"w": {**t, "dtype": 7}}, data)) == "bad_header"
     assert _reason(write_raw(tmp_path / "neg", {"w": {**t, "data_offsets": [-16, 0]}}, data)) == "bad_header"
     (tmp_path / "json").write_bytes(struct.pack("<Q", 5) + b"{nope" + data)
     assert _reason(tmp_path / "json") == "bad_json"
