@@ -30,6 +30,7 @@ import torch.nn as nn
 from . import metrics
 from .data import ExpertError, LayerDataset, blend_rows, concat_datasets
 from .device import seed_everything
+from .heads import MULTILABEL, HeadKind, get_head
 from .probex import Head
 from .train import (TrainConfig, TrainResult, check_datasets, config_for, evaluate, fit,
                     normalisation_stats, predict_logits, train_expert)
@@ -42,7 +43,7 @@ from .train import (TrainConfig, TrainResult, check_datasets, config_for, evalua
 class DenseConfig:
     d_H: int
     d_W: int
-    head: str = "multilabel"
+    head: str = MULTILABEL.name
     n_outputs: int = 0
     r_T: int = 128  # text head only
     text_dim: int = 384
@@ -56,14 +57,15 @@ class DenseExpert(nn.Module):
     def __init__(self, cfg: DenseConfig):
         super().__init__()
         self.cfg = cfg
-        out = cfg.n_outputs if cfg.head == "multilabel" else cfg.r_T
+        texts = get_head(cfg.head).uses_texts
+        out = cfg.r_T if texts else cfg.n_outputs
         self.linear = nn.Linear(cfg.d_H * cfg.d_W, out)  # vec(X) -> logits | e
         if cfg.centered:
             self.register_buffer("input_mean", torch.zeros(cfg.d_H, cfg.d_W))
         else:
             self.input_mean = None
-        self.out = Head("text", cfg.r_T, 0, cfg.text_dim, cfg.logit_scale,
-                        cfg.learn_logit_scale) if cfg.head == "text" else None
+        self.out = Head(cfg.head, cfg.r_T, 0, cfg.text_dim, cfg.logit_scale,
+                        cfg.learn_logit_scale) if texts else None
 
     def encode(self, batch) -> torch.Tensor:
         X = batch.dense()  # (n, d_H, d_W); LoRA rows are formed here
@@ -77,21 +79,21 @@ class DenseExpert(nn.Module):
         return e if self.out is None else self.out(e, text_emb)
 
 
-def dense_param_count(d_H: int, d_W: int, n_outputs: int = 0, head: str = "multilabel",
+def dense_param_count(d_H: int, d_W: int, n_outputs: int = 0, head: str | HeadKind = MULTILABEL,
                       r_T: int = 128, text_dim: int = 384) -> int:
-    if head == "multilabel":
+    if not get_head(head).uses_texts:
         return d_H * d_W * n_outputs + n_outputs
     return d_H * d_W * r_T + r_T + text_dim * r_T + r_T
 
 
 def train_dense(train: LayerDataset, val: LayerDataset | None, tcfg: TrainConfig | None = None,
-                head: str | None = None, text_emb=None, r_T: int = 128) -> TrainResult:
+                head: str | HeadKind | None = None, text_emb=None, r_T: int = 128) -> TrainResult:
     tcfg = tcfg or TrainConfig()
-    head = head or ("text" if train.task == "text" else "multilabel")
+    head = get_head(head or train.task or MULTILABEL)
     check_datasets(train, val, head, train.d_H, train.d_W, text_emb, tcfg.min_train)
     mean, scale = normalisation_stats(train, tcfg.center, tcfg.normalise)
-    cfg = DenseConfig(d_H=train.d_H, d_W=train.d_W, head=head,
-                      n_outputs=train.n_classes if head == "multilabel" else 0, r_T=r_T,
+    cfg = DenseConfig(d_H=train.d_H, d_W=train.d_W, head=head.name,
+                      n_outputs=head.n_outputs(train.n_classes), r_T=r_T,
                       text_dim=0 if text_emb is None else int(torch.as_tensor(text_emb).shape[1]),
                       input_scale=scale, centered=mean is not None)
     seed_everything(tcfg.seed)
@@ -166,7 +168,7 @@ class FeatureSet:
 @dataclass
 class StatNNConfig:
     n_features: int = len(STAT_NAMES)
-    head: str = "multilabel"
+    head: str = MULTILABEL.name
     n_outputs: int = 0
     hidden: int = 64  # 0: a linear map (logistic regression for multilabel)
     r_T: int = 128
@@ -181,14 +183,15 @@ class StatNN(nn.Module):
         self.cfg = cfg
         self.register_buffer("feat_mean", torch.zeros(cfg.n_features))
         self.register_buffer("feat_std", torch.ones(cfg.n_features))
-        out = cfg.n_outputs if cfg.head == "multilabel" else cfg.r_T
+        texts = get_head(cfg.head).uses_texts
+        out = cfg.r_T if texts else cfg.n_outputs
         if cfg.hidden > 0:
             self.mlp = nn.Sequential(nn.Linear(cfg.n_features, cfg.hidden), nn.ReLU(),
                                      nn.Linear(cfg.hidden, out))
         else:
             self.mlp = nn.Linear(cfg.n_features, out)
-        self.out = Head("text", cfg.r_T, 0, cfg.text_dim, cfg.logit_scale,
-                        cfg.learn_logit_scale) if cfg.head == "text" else None
+        self.out = Head(cfg.head, cfg.r_T, 0, cfg.text_dim, cfg.logit_scale,
+                        cfg.learn_logit_scale) if texts else None
 
     def prepare(self, ds: LayerDataset) -> FeatureSet:
         return FeatureSet(weight_statistics(ds), ds.y.cpu() if ds.y is not None else None)
@@ -208,12 +211,12 @@ class StatNN(nn.Module):
 
 
 def train_statnn(train: LayerDataset, val: LayerDataset | None, tcfg: TrainConfig | None = None,
-                 head: str | None = None, text_emb=None, hidden: int = 64, r_T: int = 128
+                 head: str | HeadKind | None = None, text_emb=None, hidden: int = 64, r_T: int = 128
                  ) -> TrainResult:
     tcfg = tcfg or TrainConfig()
-    head = head or ("text" if train.task == "text" else "multilabel")
+    head = get_head(head or train.task or MULTILABEL)
     check_datasets(train, val, head, train.d_H, train.d_W, text_emb, tcfg.min_train)
-    cfg = StatNNConfig(head=head, n_outputs=train.n_classes if head == "multilabel" else 0,
+    cfg = StatNNConfig(head=head.name, n_outputs=head.n_outputs(train.n_classes),
                        hidden=hidden, r_T=r_T,
                        text_dim=0 if text_emb is None else int(torch.as_tensor(text_emb).shape[1]))
     seed_everything(tcfg.seed)
@@ -240,7 +243,7 @@ def cross_tree_experiment(trees: Mapping[str, tuple[LayerDataset, LayerDataset, 
     if len(trees) < 2:
         raise ExpertError("the cross-tree experiment needs at least two trees")
     for tid, (tr, va, te) in trees.items():
-        if tr.task != "multilabel":
+        if tr.task != MULTILABEL.name:
             raise ExpertError("cross-tree experiment supports multi-label trees only", tree=tid)
     shapes = {(tr.d_H, tr.d_W) for tr, _, _ in trees.values()}
     kind = model if model != "auto" else ("probex" if len(shapes) == 1 else "statnn")
@@ -270,10 +273,10 @@ def cross_tree_experiment(trees: Mapping[str, tuple[LayerDataset, LayerDataset, 
            "experts_train_seconds": 0.0, "trees": {}}
     for tid, (tr, va, te) in trees.items():
         cols = [union.index(c) for c in tr.classes]
-        logits = predict_logits(single.model, te, "multilabel")[:, cols]
+        logits = predict_logits(single.model, te)[:, cols]
         expert = train_one(tr, va)
         out["experts_train_seconds"] += expert.seconds
-        ev = evaluate(expert.model, te, "multilabel")
+        ev = evaluate(expert.model, te, MULTILABEL)
         out["trees"][tid] = {
             "single": metrics.multilabel_report(logits, te.y),
             "expert": {"accuracy": ev["accuracy"], "map": ev["map"], "params": expert.n_params},
@@ -287,11 +290,11 @@ def _train_statnn_union(trees, union, tcfg, hidden) -> TrainResult:
     va_sets = [as_features(va.with_classes(union)) for _, va, _ in trees.values()]
     tr_all = FeatureSet(torch.cat([f.feats for f in tr_sets]), torch.cat([f.y for f in tr_sets]))
     va_all = FeatureSet(torch.cat([f.feats for f in va_sets]), torch.cat([f.y for f in va_sets]))
-    cfg = StatNNConfig(head="multilabel", n_outputs=len(union), hidden=hidden)
+    cfg = StatNNConfig(head=MULTILABEL.name, n_outputs=len(union), hidden=hidden)
     seed_everything(tcfg.seed)
     model = _PreparedStatNN(cfg)
     model.set_normaliser(tr_all.feats)
-    return fit(model, tr_all, va_all, "multilabel", tcfg, config=cfg, kind="statnn")
+    return fit(model, tr_all, va_all, MULTILABEL, tcfg, config=cfg, kind="statnn")
 
 
 def as_features(ds: LayerDataset) -> FeatureSet:

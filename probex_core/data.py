@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from probex_core.errors import ProbexError
+from probex_core.heads import MULTILABEL, UnknownHeadError, get_head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class LayerDataset:
     A: torch.Tensor | None = None  # (n, r_max, d_W)
     B: torch.Tensor | None = None  # (n, d_H, r_max)
     scale: torch.Tensor | None = None  # (n,)
-    task: str | None = None  # "multilabel" | "text" | None (unlabelled)
+    task: str | None = None  # a probex_core.heads name, or None (unlabelled)
     classes: list[str] = field(default_factory=list)
     y: torch.Tensor | None = None
 
@@ -236,19 +237,17 @@ class LayerDataset:
         return ds
 
     def _set_labels(self, labels, task, classes) -> None:
-        if task not in ("multilabel", "text"):
-            raise ExpertError(f"task must be 'multilabel' or 'text', got {task!r}",
-                              tree=self.tree, layer=self.layer)
-        if task == "multilabel":
-            sets = [[labels_i] if isinstance(labels_i, str) else list(labels_i) for labels_i in labels]
-            vocab = list(classes) if classes is not None else sorted({c for s in sets for c in s})
-        else:
-            sets = [[lab] if isinstance(lab, str) else list(lab) for lab in labels]
+        try:
+            head = get_head(task)
+        except UnknownHeadError as e:
+            raise ExpertError(f"task: {e}", tree=self.tree, layer=self.layer) from None
+        sets = [[lab] if isinstance(lab, str) else list(lab) for lab in labels]
+        if head.one_label:
             for rid, s in zip(self.repo_ids, sets):
                 if len(s) != 1:
-                    raise VocabularyError(f"text task needs exactly one class per model, got {s}",
+                    raise VocabularyError(f"{head.name} task needs exactly one class per model, got {s}",
                                           tree=self.tree, layer=self.layer, model=rid)
-            vocab = list(classes) if classes is not None else sorted({s[0] for s in sets})
+        vocab = list(classes) if classes is not None else sorted({c for s in sets for c in s})
         if len(vocab) < 2:
             raise VocabularyError(f"class vocabulary {vocab} has fewer than two classes",
                                   tree=self.tree, layer=self.layer)
@@ -258,13 +257,13 @@ class LayerDataset:
                 if c not in pos:
                     raise VocabularyError(f"label {c!r} is not in the vocabulary", tree=self.tree,
                                           layer=self.layer, model=rid)
-        self.task, self.classes = task, vocab
-        if task == "multilabel":
+        self.task, self.classes = head.name, vocab
+        if head.one_label:
+            y = torch.tensor([pos[s[0]] for s in sets], dtype=torch.long)
+        else:
             y = torch.zeros(len(sets), len(vocab))
             for i, s in enumerate(sets):
                 y[i, [pos[c] for c in s]] = 1.0
-        else:
-            y = torch.tensor([pos[s[0]] for s in sets], dtype=torch.long)
         self.y = y
 
     # -- access -------------------------------------------------------------------------------
@@ -315,12 +314,12 @@ class LayerDataset:
 
     def with_classes(self, vocab: Sequence[str]) -> "LayerDataset":
         """Re-express multi-label targets over another vocabulary (e.g. a union over trees)."""
-        if self.task != "multilabel":
+        if self.task != MULTILABEL.name:
             raise VocabularyError("with_classes needs a multi-label dataset", tree=self.tree,
                                   layer=self.layer)
         labels = [[self.classes[j] for j in torch.nonzero(r).flatten().tolist()] for r in self.y]
         out = self.subset(torch.arange(len(self)))
-        out._set_labels(labels, "multilabel", vocab)
+        out._set_labels(labels, MULTILABEL, vocab)
         return out
 
     # -- statistics used for input normalisation ----------------------------------------------

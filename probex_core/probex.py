@@ -33,9 +33,7 @@ own class, seen in training or not. With X^ the normalised row at unit Frobenius
     F (n, m, d_W)    X^'s top m singular directions: F^T F ~ X^T X^ (exact for rank <= m)
     R(X, t) = ||F t||^2 - t^T M t               M = mean over training rows of X^T X^ (buffer)
     logits  = a * (head logits) + b * R           a, b fitted on validation by cross-entropy
-Measured on the small lake's L6 tree, layer 5 query, 20 held-out classes: R alone, no training,
-zero-shot top-1 0.87; the head alone 0.20; fused 0.60, in-distribution top-1 0.88 (head alone
-0.65). docs/benchmarks.md has the fused expert and its head alone on the layer it chose.
+docs/benchmarks.md has the fused expert and its head alone on the layer it chose.
 """
 
 from __future__ import annotations
@@ -48,12 +46,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import WeightBatch
-
-HEADS = ("multilabel", "text")
+from .heads import get_head
 
 # Paper sizes are the ProbeXConfig defaults (r_U = r_V = r_T = 128: ~2.2M parameters whatever the
-# layer). COMPACT keeps ProbeX under 1/10 of Dense's parameters for 384x384 / 10 outputs (90,890
-# vs 1,474,570) and trains ~8x faster on CPU; measured no worse on synthetic trees.
+# layer). COMPACT keeps ProbeX under 1/10 of Dense's parameters (the report's params column).
 COMPACT = dict(r_U=32, r_V=32, r_T=64)
 
 
@@ -62,7 +58,7 @@ class ProbeXConfig:
     d_H: int  # rows of the layer (output units)
     d_W: int  # columns of the layer (input units; in*k*k for convs)
     n_outputs: int = 0  # multilabel: number of classes; text head: unused (texts given at call)
-    head: str = "multilabel"  # "multilabel" | "text"
+    head: str = "multilabel"  # a probex_core.heads name
     r_U: int = 128  # number of probes
     r_V: int = 128  # shared projection size
     r_T: int = 128  # representation size (the catalog vector)
@@ -78,18 +74,18 @@ class ProbeXConfig:
     text_probe: bool = False  # fuse the text probe's response (needs head "text", d_W == text_dim)
     head_weight: float = 1.0  # a: weight of the head's logits when fused
     probe_weight: float = 0.0  # b: weight of the text probe's response
-    # Singular directions of a row kept in F (what the catalog stores per model: probe_rank x d_W).
-    # 4 kept every zero-shot figure of the small and full lakes' L6 trees within 0.01 of all 16.
+    # Singular directions of a row kept in F (what the catalog stores per model: probe_rank x d_W);
+    # 4 kept the L6 trees' zero-shot figures where all 16 put them (design notes).
     probe_rank: int = 4
 
     def __post_init__(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
-        if self.head == "multilabel" and self.n_outputs < 1:
-            raise ValueError("multilabel head needs n_outputs >= 1")
+        head = get_head(self.head)
+        self.head = head.name  # an old alias loads as the head's one name
+        if head.n_outputs(1) and self.n_outputs < 1:
+            raise ValueError(f"the {head.name} head needs n_outputs >= 1")
         if not (self.input_scale > 0 and math.isfinite(self.input_scale)):
             raise ValueError(f"input_scale must be positive and finite, got {self.input_scale}")
-        if self.text_probe and (self.head != "text" or self.d_W != self.text_dim):
+        if self.text_probe and (not head.uses_texts or self.d_W != self.text_dim):
             raise ValueError("the text probe needs the text head and a layer whose inputs are the "
                              f"text encoder's size (d_W {self.d_W} vs text_dim {self.text_dim})")
 
@@ -112,8 +108,8 @@ class Head(nn.Module):
     def __init__(self, head: str, r_T: int, n_outputs: int = 0, text_dim: int = 384,
                  logit_scale: float = 1 / 0.07, learn_logit_scale: bool = False):
         super().__init__()
-        self.kind = head
-        if head == "multilabel":
+        self.kind = get_head(head)
+        if not self.kind.uses_texts:
             self.classifier = nn.Linear(r_T, n_outputs)  # T, b_T
         else:
             self.text_proj = nn.Linear(text_dim, r_T)  # frozen text emb -> r_T, with bias
@@ -124,7 +120,7 @@ class Head(nn.Module):
                 self.register_buffer("log_logit_scale", log_s)
 
     def represent(self, e: torch.Tensor) -> torch.Tensor:
-        return F.normalize(e, dim=-1) if self.kind == "text" else e
+        return F.normalize(e, dim=-1) if self.kind.uses_texts else e
 
     def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         """Frozen text embeddings (k, text_dim) -> normalised points in the joint space (k, r_T)."""
@@ -135,7 +131,7 @@ class Head(nn.Module):
         return self.log_logit_scale.clamp(max=math.log(100.0)).exp()
 
     def forward(self, e: torch.Tensor, text_emb: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "multilabel":
+        if not self.kind.uses_texts:
             return self.classifier(e)  # (n, C)
         if text_emb is None:
             raise ValueError("the text head needs class text embeddings (k, text_dim)")
@@ -248,7 +244,7 @@ class ProbeX(nn.Module):
 def probex_param_count(cfg: ProbeXConfig) -> int:
     """Trainable parameters, from the formula (matches ProbeX(cfg).n_params())."""
     n = cfg.d_W * cfg.r_U + cfg.d_H * cfg.r_V + cfg.r_U * cfg.r_V * cfg.r_T + cfg.r_T
-    if cfg.head == "multilabel":
+    if not get_head(cfg.head).uses_texts:
         n += cfg.r_T * cfg.n_outputs + cfg.n_outputs
     else:
         n += cfg.text_dim * cfg.r_T + cfg.r_T + int(cfg.learn_logit_scale)

@@ -5,7 +5,7 @@
 
 The loop is explicit (no framework): shuffle with a seeded generator, Adam, one validation pass
 per epoch, keep the best validation state, stop after `patience` epochs without improvement.
-Selection key: (val accuracy for multilabel | val top-1 for text, then lower val loss).
+Selection key, loss and metrics: the head kind's (probex_core.heads).
 `fit` is model-agnostic: the baselines (Dense, StatNN) train through it with the same protocol.
 """
 
@@ -26,19 +26,17 @@ from . import metrics
 from .data import (EmptyDatasetError, ExpertError, LayerDataset, ShapeMismatchError, VocabularyError,
                    concat_datasets)
 from .device import pick_device, seed_everything
+from .heads import MULTILABEL, TEXT, HeadKind, get_head
 from .probex import ProbeX, ProbeXConfig
-
-# Paper defaults per head: Adam lr, epochs. Weight decay 1e-5 for both (the paper gives it for the
-# multi-label head; nothing is said for the text head, we keep the same protocol).
-HEAD_DEFAULTS = {"multilabel": dict(lr=1e-3, max_epochs=500), "text": dict(lr=2e-3, max_epochs=200)}
 
 
 @dataclass
 class TrainConfig:
-    lr: float | None = None  # None: 1e-3 multilabel, 2e-3 text
+    lr: float | None = None  # None: the head's (1e-3 multilabel, 2e-3 text)
+    # the paper gives 1e-5 for the multi-label head and nothing for the text head: the same for both
     weight_decay: float = 1e-5
     batch_size: int = 128
-    max_epochs: int | None = None  # None: 500 multilabel, 200 text
+    max_epochs: int | None = None  # None: the head's (500 multilabel, 200 text)
     patience: int | None = 50  # epochs without val improvement before stopping; None: never
     seed: int = 0
     device: str = "cpu"  # "auto" | "cpu" | "cuda"
@@ -53,8 +51,7 @@ class TrainConfig:
     # "random", or "auto": data, except LoRA rows under the text head (no gain measured there).
     init: str = "auto"
     # After validation has chosen the epoch count, train once more from scratch on training plus
-    # validation rows for that many epochs; "auto": for the multi-label head (the text head's
-    # fused expert needs held-out validation rows to weigh its head against the text probe).
+    # validation rows for that many epochs; "auto": where the head says so (refit_default).
     refit: str | bool = "auto"
     # Weight-space mixup for the multi-label head (see `mixup_alpha`): each training row becomes
     # lam X_i + (1 - lam) X_j with targets mixed alike, lam ~ Beta(a, a). A number a (0: off)
@@ -62,21 +59,17 @@ class TrainConfig:
     mixup: float | str = "auto"
     verbose: bool = False
 
-    def refits(self, head: str) -> bool:
+    def refits(self, head: str | HeadKind) -> bool:
         if self.refit not in ("auto", True, False):
             raise ValueError(f"refit must be 'auto', True or False, got {self.refit!r}")
-        return head == "multilabel" if self.refit == "auto" else self.refit
+        return get_head(head).refit_default if self.refit == "auto" else self.refit
 
-    def mixup_alpha(self, head: str, kind: str, lora: bool) -> float:
+    def mixup_alpha(self, head: str | HeadKind, kind: str, lora: bool) -> float:
         """Beta parameter of the mixup a `kind` of model gets on `head` (rows `lora` or dense); 0
-        when off. Mixed targets are multi-label probabilities, so the text head (one class per
-        model) is never mixed. Measured on the small lake's L3 tree (LoRA, 100 documented models,
-        5-fold CV x 4 seeds, the refit protocol): ProbeX 0.961 -> 0.969 with random probes,
-        0.966 -> 0.983 with data-started probes (Beta(0.5) 0.984, Beta(2) 0.984); Dense 0.963
-        without it, 0.959 with it. On the image tree (dense rows) it gained less (CV 0.940 ->
-        0.956, test 0.904 -> 0.907 over 3 seeds) and made training ~5x slower (no early stop),
-        past the nightly time budget, so "auto" mixes LoRA rows only."""
-        if head != "multilabel":
+        when off, and always for a head whose targets are not probabilities. "auto" mixes ProbeX
+        on LoRA rows only: on dense rows it gained less and trained several times longer
+        (docs/benchmarks.md, design notes)."""
+        if not get_head(head).mixes_targets:
             return 0.0
         if self.mixup == "auto":
             return 1.0 if kind == "probex" and lora else 0.0
@@ -84,11 +77,11 @@ class TrainConfig:
             raise ValueError(f"mixup must be 'auto' or a number >= 0, got {self.mixup!r}")
         return float(self.mixup)
 
-    def resolved(self, head: str) -> "TrainConfig":
-        d = HEAD_DEFAULTS[head]
-        return dataclasses.replace(self, lr=self.lr if self.lr is not None else d["lr"],
+    def resolved(self, head: str | HeadKind) -> "TrainConfig":
+        h = get_head(head)
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else h.lr,
                                    max_epochs=self.max_epochs if self.max_epochs is not None
-                                   else d["max_epochs"])
+                                   else h.max_epochs)
 
 
 @dataclass
@@ -104,21 +97,27 @@ class TrainResult:
     kind: str = "probex"  # "probex" | "dense" | "statnn"
     stopped: str = ""  # "patience" | "max_epochs" | "time_limit"
     refit: bool = False  # the model was trained again on training + validation rows (see refit)
+    head: str = MULTILABEL.name  # the head kind it was trained with
 
     @property
     def score(self) -> tuple:
-        return selection_key(self.best_val)
+        return get_head(self.head).selection_key(self.best_val)
+
+    @property
+    def main_score(self) -> float:
+        return get_head(self.head).main_score(self.best_val)
 
 
 # ---------------------------------------------------------------------------------------------
 # Configuration helpers
 
 
-def config_for(ds: LayerDataset, head: str | None = None, **kw) -> ProbeXConfig:
-    """A ProbeXConfig sized for a dataset's layer (and its class count for multilabel)."""
-    head = head or ("text" if ds.task == "text" else "multilabel")
-    n_out = ds.n_classes if head == "multilabel" else 0
-    return ProbeXConfig(d_H=ds.d_H, d_W=ds.d_W, head=head, n_outputs=kw.pop("n_outputs", n_out), **kw)
+def config_for(ds: LayerDataset, head: str | HeadKind | None = None, **kw) -> ProbeXConfig:
+    """A ProbeXConfig sized for a dataset's layer (and its class count, for a head that has one
+    output per class); the head defaults to the dataset's task."""
+    h = get_head(head or ds.task or MULTILABEL)
+    return ProbeXConfig(d_H=ds.d_H, d_W=ds.d_W, head=h.name,
+                        n_outputs=kw.pop("n_outputs", h.n_outputs(ds.n_classes)), **kw)
 
 
 def normalisation_stats(train: LayerDataset, center: str | bool = "auto", normalise: bool = True
@@ -134,20 +133,20 @@ def normalisation_stats(train: LayerDataset, center: str | bool = "auto", normal
     return mean, scale
 
 
-def check_datasets(train: LayerDataset, val: LayerDataset | None, head: str, d_H: int, d_W: int,
-                   text_emb: torch.Tensor | None, min_train: int) -> None:
+def check_datasets(train: LayerDataset, val: LayerDataset | None, head: str | HeadKind, d_H: int,
+                   d_W: int, text_emb: torch.Tensor | None, min_train: int) -> None:
+    head = get_head(head)
     where = dict(tree=train.tree, layer=train.layer)
     if train.y is None:
         raise ExpertError("training rows have no labels", **where)
     if len(train) < min_train:
         raise EmptyDatasetError(f"too few labelled models to train an expert ({len(train)} < "
                                 f"{min_train})", **where)
-    want = "text" if head == "text" else "multilabel"
     for ds in (train, val):
         if ds is None:
             continue
-        if ds.task != want:
-            raise ExpertError(f"dataset task {ds.task!r} does not fit the {head!r} head",
+        if ds.task != head.name:
+            raise ExpertError(f"dataset task {ds.task!r} does not fit the {head.name!r} head",
                               tree=ds.tree, layer=ds.layer)
         if (ds.d_H, ds.d_W) != (d_H, d_W):
             raise ShapeMismatchError(f"layer shape {(ds.d_H, ds.d_W)} differs from the expert's "
@@ -155,26 +154,15 @@ def check_datasets(train: LayerDataset, val: LayerDataset | None, head: str, d_H
         if ds.classes != train.classes:
             raise VocabularyError("validation classes differ from training classes (build val "
                                   "with classes=train.classes)", tree=ds.tree, layer=ds.layer)
-    if head == "text":
+    if head.uses_texts:
         if text_emb is None or text_emb.shape[0] != train.n_classes:
-            raise ExpertError(f"text head needs one text embedding per training class "
+            raise ExpertError(f"the {head.name} head needs one text embedding per training class "
                               f"({train.n_classes}), got "
                               f"{None if text_emb is None else tuple(text_emb.shape)}", **where)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-def selection_key(m: Mapping) -> tuple:
-    main = m.get("accuracy", m.get("top1", 0.0))
-    return (round(float(main), 6), -float(m.get("loss", 0.0)))
-
-
-def loss_fn(head: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if head == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, y)
-    return F.cross_entropy(logits, y)
 
 
 def _inputs(model: nn.Module, ds: LayerDataset, device):
@@ -184,7 +172,7 @@ def _inputs(model: nn.Module, ds: LayerDataset, device):
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, inputs, head: str, text_emb=None, batch_size: int = 256,
+def predict_logits(model: nn.Module, inputs, text_emb=None, batch_size: int = 256,
                    device=None) -> torch.Tensor:
     """Logits for every row of `inputs` (a LayerDataset, or prepared features), on the CPU."""
     model.eval()
@@ -200,22 +188,15 @@ def predict_logits(model: nn.Module, inputs, head: str, text_emb=None, batch_siz
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, ds: LayerDataset, head: str, text_emb=None, device=None) -> dict:
+def evaluate(model: nn.Module, ds: LayerDataset, head: str | HeadKind, text_emb=None, device=None) -> dict:
     """In-distribution metrics with loss: multilabel -> accuracy, map; text -> top1, top5."""
-    logits = predict_logits(model, ds, head, text_emb, device=device)
-    y = ds.y.cpu()
-    out = {"loss": float(loss_fn(head, logits, y))}
-    if head == "multilabel":
-        out.update(metrics.multilabel_report(logits, y))
-    else:
-        out.update(metrics.text_report(logits, y))
-    return out
+    return get_head(head).metrics(predict_logits(model, ds, text_emb, device=device), ds.y.cpu())
 
 
 def evaluate_zeroshot(model: nn.Module, heldout: LayerDataset, heldout_text_emb, device=None) -> dict:
     """Zero-shot top-1/top-5: held-out models scored only against the held-out classes' texts
     (heldout.classes, with heldout_text_emb in that order)."""
-    logits = predict_logits(model, heldout, "text", heldout_text_emb, device=device)
+    logits = predict_logits(model, heldout, heldout_text_emb, device=device)
     out = metrics.zeroshot_report(logits, heldout.y.cpu())
     out["zeroshot_retrieval_map"] = metrics.retrieval_map(logits, heldout.y.cpu())
     return out
@@ -232,10 +213,11 @@ def embed(model: nn.Module, ds: LayerDataset, batch_size: int = 256, device=None
     return torch.cat(out).numpy()
 
 
-def fit(model: nn.Module, train: LayerDataset, val: LayerDataset | None, head: str,
+def fit(model: nn.Module, train: LayerDataset, val: LayerDataset | None, head: str | HeadKind,
         tcfg: TrainConfig, text_emb: torch.Tensor | None = None, config=None,
         kind: str = "probex") -> TrainResult:
     """Train `model` (already built and seeded) with Adam; keep the best validation state."""
+    head = get_head(head)
     tcfg = tcfg.resolved(head)
     prev_threads = torch.get_num_threads()
     device = pick_device(tcfg.device, tcfg.threads)
@@ -271,7 +253,7 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
                 lam = torch.as_tensor(mix_rng.beta(alpha, alpha, len(b)), dtype=torch.float32)
                 b = b.mixed(lam.to(device), torch.as_tensor(mix_rng.permutation(len(b))).to(device),
                             unit=unit_rows)
-            loss = loss_fn(head, model(b, t_emb), b.y)
+            loss = head.loss(model(b, t_emb), b.y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -284,7 +266,7 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
         else:
             m = {"loss": row["train_loss"]}  # no validation rows: select on training loss
         history.append(row)
-        key = selection_key(m)
+        key = head.selection_key(m)
         if best_key is None or key > best_key:
             best_key, best_epoch, best_val, since_best = key, epoch, m, 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -304,7 +286,7 @@ def _fit(model, train, val, head, tcfg, text_emb, config, kind, device) -> Train
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TrainResult(model=model, config=config, history=history, best_epoch=best_epoch,
                        best_val=best_val, seconds=seconds, epochs_run=len(history),
-                       n_params=n_params, kind=kind, stopped=stopped)
+                       n_params=n_params, kind=kind, stopped=stopped, head=head.name)
 
 
 @torch.no_grad()
@@ -314,13 +296,7 @@ def _eval_inputs(model, inputs, head, t_emb, batch_size: int = 256) -> dict:
     logits = torch.cat([model(inputs.batch(torch.arange(s, min(s + batch_size, len(inputs)),
                                                         device=dev)), t_emb)
                         for s in range(0, len(inputs), batch_size)])
-    y = inputs.y
-    out = {"loss": float(loss_fn(head, logits, y))}
-    if head == "multilabel":
-        out["accuracy"] = metrics.multilabel_accuracy(torch.sigmoid(logits), y)
-    else:
-        out["top1"] = metrics.topk_accuracy(logits, y, 1)
-    return out
+    return head.quick_metrics(logits, inputs.y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +315,7 @@ def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> P
         model.input_mean.copy_(mean)
     if tcfg.init not in ("auto", "data", "random"):
         raise ValueError(f"init must be 'auto', 'data' or 'random', got {tcfg.init!r}")
-    if tcfg.init == "data" or (tcfg.init == "auto" and not (train.is_lora and cfg.head == "text")):
+    if tcfg.init == "data" or (tcfg.init == "auto" and not (train.is_lora and get_head(cfg.head) is TEXT)):
         init_from_data(model, train, mean, row_norm)
     return model
 
@@ -349,11 +325,7 @@ def init_from_data(model: ProbeX, train: LayerDataset, mean: torch.Tensor | None
     """Start the probes U on the directions the tree's (centred) updates use most on the input side,
     and V on the output side: the top eigenvectors of sum X^T X and sum X X^T over the training
     rows, unit columns. Random N(0, 1) probes spend most of a small tree's few hundred epochs
-    finding those directions: on the small lake's image tree (67 training models) this init moved
-    test accuracy 0.84 -> 0.87-0.88 and mAP 0.87 -> 0.92-0.95 over six runs, and stopped earlier.
-    On the LoRA text head it did not help (L6 in-distribution 0.76-0.88 vs 0.88), so "auto" keeps
-    random probes there. On the L3 tree (LoRA, multi-label; 5-fold CV over its 100 documented
-    models x 4 seeds) it moved accuracy 0.961 -> 0.966 alone and 0.969 -> 0.983 with mixup."""
+    finding those directions (the gain per tree is in docs/benchmarks.md, design notes)."""
     left, right = train.second_moments(mean, unit_rows=row_norm)
     for param, moment in ((model.U, right), (model.V, left)):
         k = param.shape[1]
@@ -373,7 +345,7 @@ def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfi
     model = build_probex(train, cfg, tcfg)
     result = fit(model, train, val, cfg.head, tcfg, text_emb, config=model.cfg, kind="probex")
     wants_probe = cfg.d_W == cfg.text_dim if tcfg.text_probe == "auto" else bool(tcfg.text_probe)
-    if cfg.head == "text" and wants_probe:
+    if get_head(cfg.head).uses_texts and wants_probe:
         attach_text_probe(result, train, val, text_emb)
     return result
 
@@ -421,7 +393,7 @@ def attach_text_probe(result: TrainResult, train: LayerDataset, val: LayerDatase
     model.enable_text_probe(moment, a, b)
     result.config = model.cfg
     if val is not None and len(val):
-        result.best_val = evaluate(model, val, "text", t)
+        result.best_val = evaluate(model, val, TEXT, t)
 
 
 def refit(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], TrainResult],
@@ -432,9 +404,7 @@ def refit(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], Tr
     for `first.best_epoch` epochs (no early stopping: no rows are left to stop on), so the few
     labelled models a tree has all teach it. Validation metrics, best epoch and history stay those
     of `first` (the refit model has seen the validation rows); seconds add up.
-    Measured on the small lake's image tree (67 training + 9 validation models, 18 test), seeds
-    0-6: ProbeX test accuracy mean 0.882 -> 0.898 (range 0.861-0.900 -> 0.878-0.917), mAP
-    0.930-0.946 -> 0.915-0.937; Dense, refit the same way, 0.894 -> 0.889 for every seed."""
+    What it gains per tree: docs/benchmarks.md, design notes."""
     if not tcfg.refits(head) or val is None or not len(val) or first.best_epoch < 1:
         return first
     both = concat_datasets([train, val], tree=train.tree, layer=train.layer)
@@ -491,10 +461,6 @@ def probex_trainer(model_kwargs: dict | None = None, text_emb=None
     return lambda tr, va, tc: train_expert(tr, va, config_for(tr, **kw), tc, text_emb)
 
 
-def _main_metric(r: TrainResult) -> float:
-    return float(r.best_val.get("accuracy", r.best_val.get("top1", float("nan"))))
-
-
 def choose_layer(datasets_by_layer: Mapping[str, tuple[LayerDataset, LayerDataset]],
                  model_kwargs: dict | None = None, tcfg: TrainConfig | None = None, *,
                  text_emb=None, strategies=("sweep", "fast"), short_epochs: int = 15,
@@ -518,7 +484,7 @@ def choose_layer(datasets_by_layer: Mapping[str, tuple[LayerDataset, LayerDatase
         for layer, (tr, va) in datasets_by_layer.items():
             r = trainer(tr, va, tcfg)
             out.results[layer] = r
-            out.sweep_scores[layer] = _main_metric(r)
+            out.sweep_scores[layer] = r.main_score
             out.sweep_seconds += r.seconds
         out.sweep_layer = max(out.results, key=lambda k: out.results[k].score)
     if "fast" in strategies:
@@ -527,14 +493,14 @@ def choose_layer(datasets_by_layer: Mapping[str, tuple[LayerDataset, LayerDatase
         for layer, (tr, va) in datasets_by_layer.items():
             r = trainer(tr, va, short_cfg)
             short[layer] = r
-            out.fast_short_scores[layer] = _main_metric(r)
+            out.fast_short_scores[layer] = r.main_score
             out.fast_seconds += r.seconds
         out.fast_finalists = sorted(short, key=lambda k: short[k].score, reverse=True)[:top_k]
         for layer in out.fast_finalists:
             if layer not in out.results:
                 tr, va = datasets_by_layer[layer]
                 out.results[layer] = trainer(tr, va, tcfg)
-            out.fast_scores[layer] = _main_metric(out.results[layer])
+            out.fast_scores[layer] = out.results[layer].main_score
             out.fast_seconds += out.results[layer].seconds
         out.fast_layer = max(out.fast_finalists, key=lambda k: out.results[k].score)
     return out

@@ -303,6 +303,7 @@ def bench_seeds(seeds: int = 5) -> None:
     import dataclasses
 
     from probex_core.baselines import train_dense, train_statnn
+    from probex_core.heads import MULTILABEL
     from probex_core.train import evaluate, probex_trainer, train_final
     from probex_core.settings import Settings
     from tasks.evaluate import load_ground_truth, tree_splits
@@ -315,19 +316,19 @@ def bench_seeds(seeds: int = 5) -> None:
     out = {"seeds": seeds, "trees": {}}
     for tree in tree_ids(catalog):
         sp = tree_splits(catalog, s.shards, str(s.experts), tree, gt)
-        if sp is None or sp.task != "multilabel":
+        if sp is None or sp.head is not MULTILABEL:
             continue
         base = default_train_config(sp.train.is_lora, "cpu")
-        trainers = {"probex": (probex_trainer(model_kwargs("multilabel", None)), base),
-                    "dense": (lambda a, b, c: train_dense(a, b, c, head="multilabel"), dataclasses.replace(base, time_limit_s=None)),
-                    "statnn": (lambda a, b, c: train_statnn(a, b, c, head="multilabel"), dataclasses.replace(base, time_limit_s=None))}
+        trainers = {"probex": (probex_trainer(model_kwargs(MULTILABEL, None)), base),
+                    "dense": (lambda a, b, c: train_dense(a, b, c, head=MULTILABEL), dataclasses.replace(base, time_limit_s=None)),
+                    "statnn": (lambda a, b, c: train_statnn(a, b, c, head=MULTILABEL), dataclasses.replace(base, time_limit_s=None))}
         per = {}
         for name, (trainer, tcfg) in trainers.items():
             runs = []
             for seed in range(seeds):
                 tc = dataclasses.replace(tcfg, seed=seed)
-                res = train_final(trainer, sp.train, sp.val, tc, "multilabel")
-                m = evaluate(res.model, sp.test, "multilabel")
+                res = train_final(trainer, sp.train, sp.val, tc, MULTILABEL)
+                m = evaluate(res.model, sp.test, MULTILABEL)
                 runs.append({"seed": seed, "accuracy": m["accuracy"], "map": m["map"], "seconds": res.seconds})
                 print(f"[bench] seeds {tree} {name} {runs[-1]}", file=sys.stderr)
             per[name] = runs
@@ -357,6 +358,7 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
     """search() at scale: synthetic rows in one tree beside the real experts' trees."""
     import numpy as np
 
+    from probex_core.heads import TEXT
     from storage.query import CANDIDATES_PER_TREE, CatalogQuery
     from tasks.embed import ensure_indexes
 
@@ -365,7 +367,7 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
     shutil.rmtree(home, ignore_errors=True)
     shutil.copytree(src / "catalog", home / "catalog")
     q = CatalogQuery(str(home / "catalog"), str(src / "experts"))
-    tree = next(t for t in q.trees().values() if t.head == "text")
+    tree = next(t for t in q.trees().values() if t.head is TEXT)
     rng = np.random.default_rng(0)
     vecs = rng.standard_normal((n, dim)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -384,7 +386,7 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
         "expert_version": [tree.version] * n, "tree_id": [tree.tree_id] * n,
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), dim),
         "top_labels": [[tree.labels[0]]] * n, "top_scores": [[0.5]] * n,
-        "label_scores": [[1.0 / k] * k] * n, "task": ["zeroshot"] * n,
+        "label_scores": [[1.0 / k] * k] * n, "task": [TEXT.name] * n,
         "probe_factor": factors if factors is not None else pa.nulls(n, pa.list_(pa.float32())),
     }, schema=table.schema)
     table.add(batch)

@@ -44,7 +44,7 @@ cells = [
     nbf.v4.new_code_cell(
         "from storage.query import CatalogQuery\n\n"
         "q = CatalogQuery.open(home=home)\n"
-        "text_tree = next(t for t in q.trees().values() if t.head == 'text')\n"
+        "text_tree = next(t for t in q.trees().values() if t.head.name == 'text')\n"
         "query = text_tree.labels[0]\n"
         "hits = q.search(query, k=5)\n"
         "hits[['repo_id', 'tree_id', 'score', 'top_labels']]"),

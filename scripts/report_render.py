@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from probex_core.heads import MULTILABEL, get_head
+
 
 def _load(store: Path, name: str) -> dict | None:
     p = store / f"{name}.json"
@@ -46,7 +48,7 @@ def lake(doc: dict) -> list[str]:
     rows = []
     for size in ("tiny", "small", "full"):
         for t in doc.get(size, {}).get("trees", []):
-            rows.append([size, t["root"], t["kind"], t["task"], t["n_models"], t["mean_accuracy"], t["min_accuracy"],
+            rows.append([size, t["root"], t["kind"], get_head(t["task"]).title, t["n_models"], t["mean_accuracy"], t["min_accuracy"],
                          t.get("n_classes"), t.get("n_holdout_classes")])
     lines += _table(["size", "tree", "fine-tune", "task", "children", "mean acc", "min acc", "classes",
                      "held-out classes"], rows)
@@ -115,7 +117,7 @@ def expert_targets(ev: dict, size: str) -> list[list]:
         if "skipped" in r:
             continue
         p, d, st = r["probex"], r.get("dense"), r.get("statnn")
-        if r["task"] == "multilabel":
+        if get_head(r["task"]) is MULTILABEL:
             check(t, "accuracy >= 0.85", p["accuracy"], p["accuracy"] >= 0.85)
             for name, b in (("Dense", d), ("StatNN", st)):
                 if b:
@@ -175,7 +177,7 @@ def train(doc: dict) -> list[str]:
             if m == "probex_head_only" and m not in r:
                 continue
             d = r.get(m) or {}
-            rows.append([t, r["task"], r["layer"], m, r["n_train"], r["n_val"], r["n_test"], d.get("accuracy"),
+            rows.append([t, get_head(r["task"]).title, r["layer"], m, r["n_train"], r["n_val"], r["n_test"], d.get("accuracy"),
                          d.get("map"), d.get("top1"), d.get("zeroshot_top1"), d.get("zeroshot_top5"),
                          d.get("n_zeroshot_classes"), d.get("params"), d.get("train_seconds")])
     lines += _table(["tree", "task", "layer", "method", "train", "val", "test", "accuracy", "mAP", "top1",

@@ -8,13 +8,9 @@ Importable from a notebook with no Prefect:
     q.classify("org/model", ["dog", "cat", "bird"])
     q.similar("org/model", k=5)
 
-Scores are calibrated so that rankings from different trees can be merged:
-* a tree with a text head: the probability that the model's class is the query rather than any of
-  the classes the expert was trained on (a softmax of the expert's logits over [query, training
-  classes], its text probe fused in when it has one; a training class that says the same as the
-  query is left out of the competitors);
-* a multi-label tree: the expert's sigmoid probability for its class that best matches the query
-  text, when some class matches it at all (cosine of the text embeddings >= MATCH_MIN).
+Here: which rows to read and how (LanceDB filters, vector search, projections). The scores
+themselves are the head kind's (probex_core.heads), calibrated so that rankings from different
+trees merge.
 """
 
 from __future__ import annotations
@@ -30,10 +26,9 @@ import pyarrow.compute as pc
 import torch
 
 from probex_core.errors import ProbexError
+from probex_core.heads import HeadKind, QueryRows, get_head
 from storage.catalog import EMBEDDINGS, MODELS, Catalog
 
-MATCH_MIN = 0.6  # a multi-label class "says" the query when their texts are this similar
-SAME_AS_QUERY = 0.9  # a training class this close to the query is the query, not a competitor
 CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ranking
 # A tree whose expert fuses the text probe is re-ranked whole up to this many rows: the probe's
 # score is not a distance in the vector index, so candidates by vector alone would miss models of
@@ -41,6 +36,7 @@ CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ra
 SCAN_ROWS = 5000
 POSTFILTER_SHARE = 0.5  # a tree with this share of the rows is filtered after the vector search
 CARD_FIELDS = ["license", "pipeline_tag", "library_name", "tags", "labels"]
+IN_CHUNK = 500  # repo ids per `IN (...)` filter
 
 
 class QueryError(ProbexError):
@@ -67,7 +63,7 @@ class NoExpertError(QueryError):
 class _Tree:
     tree_id: str
     version: str
-    head: str
+    head: HeadKind
     labels: list[str]
     expert: object  # LoadedExpert
 
@@ -85,7 +81,6 @@ class CatalogQuery:
         self._trees: dict[str, _Tree] | None = None
         self._table = None
         self._class_texts: dict[tuple[str, str], np.ndarray] = {}  # (tree, version) -> (C, text_dim)
-        self._card_frame: pd.DataFrame | None = None
         self._lance = None  # the embeddings table's Lance dataset (vector search)
         self._counts: dict[tuple[str, str], int] | None = None  # (tree, version) -> rows
 
@@ -93,7 +88,7 @@ class CatalogQuery:
         """Forget what was loaded (experts, card fields, the table handle): see new catalog writes.
         A CatalogQuery is otherwise a snapshot taken at its first question, so repeated questions
         do not re-read experts and cards (tens of ms each)."""
-        self._trees, self._table, self._card_frame, self._lance, self._counts = None, None, None, None, None
+        self._trees, self._table, self._lance, self._counts = None, None, None, None
         self._class_texts.clear()
 
     @classmethod
@@ -129,17 +124,21 @@ class CatalogQuery:
                 if expert is None:
                     continue
                 self._trees[row["tree_id"]] = _Tree(row["tree_id"], expert.version,
-                                                    expert.probex_config.head, list(expert.labels), expert)
+                                                    get_head(expert.probex_config.head), list(expert.labels), expert)
         return self._trees
 
     def _encode(self, texts: list[str], prompt: str | None) -> torch.Tensor:
         return torch.as_tensor(self.encoder.encode(texts, prompt=prompt or "{}"), dtype=torch.float32)
 
     def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
-        if self._card_frame is None:
-            models = self.catalog.read(MODELS, columns=["repo_id", "status", *CARD_FIELDS]).to_pandas()
-            self._card_frame = models[models["status"] != "superseded"][["repo_id", *CARD_FIELDS]]
-        return self._card_frame[self._card_frame["repo_id"].isin(repo_ids)]
+        """Card fields of the answer's models only (a filtered, projected read)."""
+        ids = sorted(set(repo_ids))
+        parts = [self.catalog.read(MODELS, columns=["repo_id", *CARD_FIELDS],
+                                   where=f"status != 'superseded' AND repo_id IN ({', '.join(map(_sql, ids[i:i + IN_CHUNK]))})")
+                 for i in range(0, len(ids), IN_CHUNK)]
+        if not parts:
+            return pd.DataFrame(columns=["repo_id", *CARD_FIELDS])
+        return pa.concat_tables(parts).to_pandas()
 
     def _model_row(self, repo_id: str) -> dict:
         if not repo_id or not isinstance(repo_id, str):
@@ -164,7 +163,7 @@ class CatalogQuery:
         trees = self.trees()
         if tree is not None and tree not in trees:
             raise NoExpertError(f"tree {tree} has no expert; run `probex train --tree {tree}`"
-                                if self.catalog.read("trees", where=f"tree_id = {_sql(tree)}").num_rows
+                                if self.catalog.tree(tree) is not None
                                 else f"no tree {tree} in the catalog; see `probex trees`")
         q = self._encode([text.strip()], None)  # (1, text_dim)
         parts = []
@@ -178,34 +177,20 @@ class CatalogQuery:
         return hits.merge(self._cards(hits["repo_id"].tolist()), on="repo_id", how="left")
 
     def _search_tree(self, t: _Tree, q: torch.Tensor, where: str | None) -> pd.DataFrame:
+        """One tree's best rows for the query (1, text_dim), scored by its head."""
         cols = ["repo_id", "sha", "top_labels"]
-        if t.head == "text":
-            class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)  # (C, text_dim)
-            texts = torch.cat([q, class_text[(class_text @ q[0]) < SAME_AS_QUERY]])  # query, competitors
-            fetch = cols + ["vector"] + (["probe_factor"] if t.probe else [])
-            if t.probe and self._count(t.tree_id, t.version) <= SCAN_ROWS:
-                found = self.lance.to_table(columns=fetch, filter=_tree_filter(t.tree_id, t.version, where))
-            else:
-                with torch.no_grad():
-                    qv = t.expert.model.embed_text(q)[0]  # (r_T,)
-                found = self.nearest(qv.numpy(), t.tree_id, t.version, CANDIDATES_PER_TREE, fetch, where)
-            if not found.num_rows:
-                return pd.DataFrame(columns=cols + ["tree_id", "score"])
-            vec = found["vector"].combine_chunks()
-            E = torch.from_numpy(np.array(vec.flatten(), np.float32).reshape(len(vec), -1))  # (n, r_T)
-            with torch.no_grad():
-                logits = t.expert.model.logits_from(E, self._factors(t, found), texts)  # (n, 1 + k')
-            score = torch.softmax(logits, dim=-1)[:, 0].numpy()
+        class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)  # (C, text_dim)
+        if not t.head.matches(q, class_text):
+            return pd.DataFrame(columns=cols + ["tree_id", "score"])
+        fetch = cols + t.head.query_columns(t.probe)
+        qv = t.head.query_vector(t.expert.model, q)
+        if qv is None or (t.probe and self._count(t.tree_id, t.version) <= SCAN_ROWS):
+            found = self.lance.to_table(columns=fetch, filter=_tree_filter(t.tree_id, t.version, where))
         else:
-            sims = torch.as_tensor(self._class_text(t), dtype=torch.float32) @ q[0]  # (C,)
-            best = int(sims.argmax())
-            if float(sims[best]) < MATCH_MIN:
-                return pd.DataFrame(columns=cols + ["tree_id", "score"])
-            found = self.lance.to_table(columns=cols + ["label_scores"],
-                                        filter=_tree_filter(t.tree_id, t.version, where))
-            if not found.num_rows:
-                return pd.DataFrame(columns=cols + ["tree_id", "score"])
-            score = np.array([s[best] for s in found["label_scores"].to_pylist()], dtype=np.float32)
+            found = self.nearest(qv, t.tree_id, t.version, CANDIDATES_PER_TREE, fetch, where)
+        if not found.num_rows:
+            return pd.DataFrame(columns=cols + ["tree_id", "score"])
+        score = t.head.search_scores(t.expert.model, self._rows(t, found), q, class_text)
         df = found.select(cols).to_pandas()
         df["tree_id"], df["score"] = t.tree_id, score
         return df
@@ -259,18 +244,20 @@ class CatalogQuery:
         return self._count(tree_id, version) / max(1, sum(self._row_counts.values()))
 
     @staticmethod
-    def _factors(t: _Tree, found: pa.Table | list) -> torch.Tensor | None:
-        """The text probe's factors (n, m, d_W) of found rows; None when the tree has no probe or a
-        row was embedded without one (then the head's logits alone)."""
-        if not t.probe:
-            return None
-        col = found["probe_factor"] if isinstance(found, pa.Table) else pa.array(found, pa.list_(pa.float32()))
-        if col.null_count:
-            return None
-        col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-        d_W = t.expert.probex_config.d_W
-        flat = np.asarray(col.flatten(), np.float32)
-        return torch.from_numpy(flat.reshape(len(col), -1, d_W))
+    def _rows(t: _Tree, found: pa.Table) -> QueryRows:
+        """What the head's scoring reads of found rows, as arrays."""
+        def matrix(name):
+            if name not in found.column_names:
+                return None
+            col = found[name].combine_chunks()
+            if col.null_count:
+                return None  # a row embedded without it (e.g. no text probe then): the head alone
+            return np.array(col.flatten(), np.float32).reshape(len(col), -1)  # a writable copy
+
+        factors = matrix("probe_factor") if t.probe else None
+        return QueryRows(vectors=matrix("vector"), label_scores=matrix("label_scores"),
+                         factors=None if factors is None else
+                         torch.from_numpy(factors.reshape(len(factors), -1, t.expert.probex_config.d_W)))
 
     def _class_text(self, t: _Tree) -> np.ndarray:
         """The frozen text embeddings of a tree's label vocabulary (cached per tree)."""
@@ -289,19 +276,10 @@ class CatalogQuery:
         row = self._model_row(repo_id)
         t = self.trees()[row["tree_id"]]
         q = self._encode(labels, None)  # (L, text_dim)
-        if t.head == "text":
-            with torch.no_grad():
-                e = torch.as_tensor(np.asarray(row["vector"], np.float32))[None]  # (1, r_T)
-                logits = t.expert.model.logits_from(e, self._factors(t, [row.get("probe_factor")]), q)[0]
-                scores = torch.softmax(logits, dim=0).numpy()
-            matched = [None] * len(labels)
-        else:
-            sims = q @ torch.as_tensor(self._class_text(t), dtype=torch.float32).T  # (L, C)
-            best = sims.argmax(dim=1).numpy()
-            scores = np.array([row["label_scores"][j] if sims[i, j] >= MATCH_MIN else 0.0
-                               for i, j in enumerate(best)], np.float32)
-            matched = [t.labels[j] if sims[i, j] >= MATCH_MIN else None for i, j in enumerate(best)]
-        df = pd.DataFrame({"label": labels, "score": scores, "matched_class": matched})
+        class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)
+        scores, matched = t.head.label_scores(t.expert.model, self._rows(t, pa.Table.from_pylist([row])), q, class_text)
+        df = pd.DataFrame({"label": labels, "score": scores,
+                           "matched_class": [None if j is None else t.labels[j] for j in matched]})
         df["repo_id"], df["tree_id"] = repo_id, row["tree_id"]
         return df.sort_values("score", ascending=False).reset_index(drop=True)
 

@@ -64,11 +64,12 @@ def label_scores(expert: LoadedExpert, e: torch.Tensor, factors: torch.Tensor | 
     """Per-model probabilities over the expert's label vocabulary (n, C)."""
     import torch
 
+    from probex_core.heads import get_head
+
+    head = get_head(expert.probex_config.head)
     with torch.no_grad():
-        if expert.probex_config.head == "text":
-            logits = expert.model.logits_from(e, factors, expert.extra["class_text_emb"])
-            return torch.softmax(logits, dim=-1).numpy()
-        return torch.sigmoid(expert.model.out(e)).numpy()
+        texts = expert.extra["class_text_emb"] if head.uses_texts else None
+        return head.probabilities(expert.model.logits_from(e, factors, texts)).numpy()
 
 
 def probe_factors(expert: LoadedExpert, ds, chunk: int = 256):
@@ -112,7 +113,7 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
             "top_labels": [labels[j] for j in top],
             "top_scores": [round(float(probs[i, j]), 6) for j in top],
             "label_scores": np.round(probs[i], 6).astype(np.float32),
-            "task": expert.config.get("info", {}).get("task"),
+            "task": expert.probex_config.head,
             "probe_factor": None if factors is None else factors[i].flatten().numpy().astype(np.float32),
         })
     return out

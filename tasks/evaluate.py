@@ -19,6 +19,7 @@ from probex_core.baselines import cross_tree_experiment, train_dense, train_stat
 from probex_core.checkpoint import load_current
 from probex_core.data import LayerDataset
 from probex_core.errors import ProbexError
+from probex_core.heads import MULTILABEL, HeadKind, get_head
 from probex_core.train import TrainConfig, evaluate, evaluate_zeroshot, train_final
 from storage.catalog import Catalog
 from tasks.train import default_train_config, load_rows, model_kwargs, split_datasets, tree_labels
@@ -39,12 +40,12 @@ def load_ground_truth(lake: str | Path) -> dict[str, dict]:
     return {r["repo_id"]: r for r in pq.read_table(path).to_pylist()}
 
 
-def _eval_set(rows, gt, models, split, task, tree_id, layer, classes=None):
+def _eval_set(rows, gt, models, split, head: HeadKind, tree_id, layer, classes=None):
     """Models of `split` that have rows, labelled from ground truth."""
     ids = sorted(r["repo_id"] for r in models
                  if r["repo_id"] in rows and gt.get(r["repo_id"], {}).get("split") == split
                  and not gt[r["repo_id"]]["corrupt"])
-    if task == "text":
+    if head.one_label:
         labels = {i: gt[i]["classes"][0] for i in ids}
         if classes is not None:
             ids = [i for i in ids if labels[i] in classes]
@@ -53,18 +54,14 @@ def _eval_set(rows, gt, models, split, task, tree_id, layer, classes=None):
     if not ids:
         return None
     return LayerDataset.from_rows([rows[i] for i in ids], tree=tree_id, layer=layer,
-                                  labels=[labels[i] for i in ids], task=task, classes=classes)
+                                  labels=[labels[i] for i in ids], task=head.name, classes=classes)
 
 
-def _scores(model, head, test, text_emb, heldout, heldout_emb) -> dict:
+def _scores(model, head: HeadKind, test, text_emb, heldout, heldout_emb) -> dict:
     out = {}
     if test is not None:
-        m = evaluate(model, test, head, text_emb)
-        if head == "multilabel":
-            out.update(accuracy=m["accuracy"], map=m["map"])
-        else:
-            out.update(top1=m["top1"], top5=m.get("top5"))
-    if heldout is not None and head == "text":
+        out.update({k: v for k, v in evaluate(model, test, head, text_emb).items() if k != "loss"})
+    if heldout is not None and head.uses_texts:
         z = evaluate_zeroshot(model, heldout, heldout_emb)
         out.update(zeroshot_top1=z["zeroshot_top1"], zeroshot_top5=z["zeroshot_top5"],
                    n_zeroshot_classes=z["n_zeroshot_classes"])
@@ -77,7 +74,7 @@ class TreeSplits:
     the per-tree evaluation and the cross-tree experiment."""
 
     expert: object  # LoadedExpert
-    task: str  # "multilabel" | "text"
+    head: HeadKind
     train: LayerDataset
     val: LayerDataset
     test: LayerDataset | None
@@ -93,10 +90,10 @@ def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: d
     labels = tree_labels(models)
     rows = load_rows(shards, tree_id, layer, models)
     train, val = split_datasets(rows, labels, tree_id, layer)
-    task = labels.task
-    test = _eval_set(rows, gt, models, "test", task, tree_id, layer, classes=train.classes)
-    heldout = _eval_set(rows, gt, models, "holdout", task, tree_id, layer) if task == "text" else None
-    return TreeSplits(expert, task, train, val, test, heldout)
+    head = labels.head
+    test = _eval_set(rows, gt, models, "test", head, tree_id, layer, classes=train.classes)
+    heldout = _eval_set(rows, gt, models, "holdout", head, tree_id, layer) if head.uses_texts else None
+    return TreeSplits(expert, head, train, val, test, heldout)
 
 
 def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None = None,
@@ -104,15 +101,15 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
     if splits is None:
         return {"skipped": "no expert; run `probex train`"}
     expert, train, val, test, heldout = splits.expert, splits.train, splits.val, splits.test, splits.heldout
-    layer, head = expert.config["layer"], expert.probex_config.head
+    layer, head = expert.config["layer"], get_head(expert.probex_config.head)
     text_emb = heldout_emb = None
-    if head == "text":
+    if head.uses_texts:
         text_emb = torch.as_tensor(encoder.encode_classes(train.classes))
         if heldout is not None:
             heldout_emb = torch.as_tensor(encoder.encode_classes(heldout.classes))
     info = expert.config.get("info", {})
     report = {
-        "task": "zeroshot" if head == "text" else "multilabel", "layer": layer,
+        "task": head.name, "layer": layer,
         "n_train": len(train), "n_val": len(val), "n_test": 0 if test is None else len(test),
         "n_holdout": 0 if heldout is None else len(heldout),
         "n_classes": len(train.classes),  # the expert's label vocabulary (training classes)
@@ -142,11 +139,11 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
 def cross_tree(splits: dict[str, TreeSplits | None], tcfg: TrainConfig | None = None) -> dict | None:
     """One model over every multi-label tree vs. one expert per tree (the paper's key claim)."""
     trees = {t: (sp.train, sp.val, sp.test) for t, sp in splits.items()
-             if sp is not None and sp.expert.probex_config.head == "multilabel" and sp.test is not None}
+             if sp is not None and sp.head is MULTILABEL and sp.test is not None}
     if len(trees) < 2:
         return None
     return cross_tree_experiment(trees, tcfg or TrainConfig(threads=1),
-                                 probex_kwargs=model_kwargs("multilabel", None))
+                                 probex_kwargs=model_kwargs(MULTILABEL, None))
 
 
 def retrieval(query, gt: dict, classes: list[str], k: int = 5, depth: int = 50) -> dict:

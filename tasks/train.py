@@ -17,15 +17,18 @@ from dataclasses import asdict, dataclass, field
 
 from probex_core.checkpoint import current_version, load_expert, save_expert, tree_dir
 from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, WeightRow
+from probex_core.heads import MULTILABEL, TEXT, HeadKind, get_head
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
-from probex_core.train import TrainConfig, choose_layer, probex_trainer, refit, selection_key
+from probex_core.train import LayerChoice, TrainConfig, TrainResult, choose_layer, probex_trainer, refit
 from storage.catalog import Catalog
 from storage.shards import layers_of, read_layer
 
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 NEGATIVE_LABELS = {"other", "others", "rest", "negative", "none", "background"}
 MIN_LABELLED = 4  # fewer documented training models: the tree gets no expert, and says so
+# what training reads of a tree's catalog rows
+TRAIN_COLUMNS = ["repo_id", "sha", "labels"]
 
 
 class NoExpertError(ExpertError):
@@ -34,8 +37,12 @@ class NoExpertError(ExpertError):
 
 @dataclass
 class TreeLabels:
-    task: str  # "multilabel" | "text"
-    labels: dict[str, list[str] | str]  # documented repo id -> classes (multilabel) or class (text)
+    head: HeadKind  # what the labels imply
+    labels: dict[str, list[str] | str]  # documented repo id -> classes, or its one class (one_label)
+
+    @property
+    def task(self) -> str:
+        return self.head.name
 
 
 def positive_labels(labels: list[str] | None) -> list[str] | None:
@@ -56,8 +63,8 @@ def tree_labels(models: list[dict]) -> TreeLabels:
         found[r["repo_id"]] = pos
         binary &= len(r["labels"]) == 2 and len(pos) == 1
     if binary and found:
-        return TreeLabels("text", {k: v[0] for k, v in found.items()})
-    return TreeLabels("multilabel", found)
+        return TreeLabels(TEXT, {k: v[0] for k, v in found.items()})
+    return TreeLabels(MULTILABEL, found)
 
 
 def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict[str, WeightRow]:
@@ -79,11 +86,11 @@ def validation_ids(ids: list[str], labels: TreeLabels) -> list[str]:
     cannot be validated and stays in training. A small tree the hash split badly (no validation,
     or too little left to train on) holds out exactly one model, chosen stably."""
     val = [r for r in ids if is_val(r)]
-    if labels.task == "text":
+    if labels.head.one_label:
         in_train = Counter(labels.labels[r] for r in ids if r not in set(val))
         val = [r for r in val if in_train[labels.labels[r]] > 0]
     if (not val or len(ids) - len(val) < MIN_LABELLED) and len(ids) > MIN_LABELLED:
-        per_class = Counter(labels.labels[r] for r in ids) if labels.task == "text" else None
+        per_class = Counter(labels.labels[r] for r in ids) if labels.head.one_label else None
         pool = [r for r in ids if per_class is None or per_class[labels.labels[r]] > 1]
         val = [min(pool, key=lambda r: hashlib.sha256(r.encode()).digest())] if pool else []
     return val
@@ -102,9 +109,9 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
     train = LayerDataset.from_rows([rows[r] for r in train_ids], tree=tree_id, layer=layer,
                                    labels=[labels.labels[r] for r in train_ids], task=task)
     # Validation speaks the training vocabulary: unseen classes are dropped (multilabel) or their
-    # models left out (text), since the expert has no output for them.
+    # models left out (one label each), since the expert has no output for them.
     known = set(train.classes)
-    if task == "text":
+    if labels.head.one_label:
         val_ids = [r for r in val_ids if labels.labels[r] in known]
         val_labels = [labels.labels[r] for r in val_ids]
     else:
@@ -119,7 +126,7 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
 @dataclass
 class TreeTrainReport:
     tree_id: str
-    task: str | None = None
+    task: str | None = None  # the head kind's name
     layer: str | None = None
     version: str | None = None
     promoted: bool = False
@@ -141,12 +148,13 @@ class TreeTrainReport:
 TIME_LIMIT_S = 50.0
 
 
-def model_kwargs(task: str, text_dim: int | None) -> dict:
+def model_kwargs(head: str | HeadKind, text_dim: int | None) -> dict:
     """COMPACT sizes keep an expert under 1/10 of Dense; dropout 0.3 helped the multi-label trees
-    (measured on the small lake, see the issue notes), not the text head."""
-    kw = {"r_U": COMPACT["r_U"], "r_V": COMPACT["r_V"], "r_T": COMPACT["r_T"]}
-    if task == "text":
-        kw.update(head="text", text_dim=text_dim)
+    (design notes), not the text head."""
+    head = get_head(head)
+    kw = {"r_U": COMPACT["r_U"], "r_V": COMPACT["r_V"], "r_T": COMPACT["r_T"], "head": head.name}
+    if head.uses_texts:
+        kw.update(text_dim=text_dim)
     else:
         kw.update(dropout=0.3)
     return kw
@@ -154,10 +162,90 @@ def model_kwargs(task: str, text_dim: int | None) -> dict:
 
 def default_train_config(is_lora: bool, device: str = "auto") -> TrainConfig:
     """CUDA when there is one (device "auto"); on the CPU, one thread for LoRA factors (small
-    matmuls: handing them to a second thread costs more than it saves) and every core for a dense
-    layer (a 320x1152 layer ran 1.3x the epochs with 2 threads, and stopped at the time limit
-    with 1). Either way a run stops at TIME_LIMIT_S, keeping its best state."""
+    matmuls: a second thread costs more than it saves) and every core for a dense layer. Either
+    way a run stops at TIME_LIMIT_S, keeping its best state."""
     return TrainConfig(device=device, threads=1 if is_lora else None, time_limit_s=TIME_LIMIT_S)
+
+
+@dataclass
+class FittedExpert:
+    """A tree's trained expert before it is saved: the layer choice and the final model."""
+
+    head: HeadKind
+    choice: LayerChoice
+    best: TrainResult  # the final model (refit on training + validation rows where the head does)
+    train: LayerDataset
+    val: LayerDataset
+    text_emb: object | None  # the training classes' text embeddings (a head that uses texts)
+
+    @property
+    def train_seconds(self) -> float:
+        """Every full run of the layer choice, plus the refit."""
+        return sum(r.seconds for r in self.choice.results.values()) + self.best.seconds - self.choice.best.seconds
+
+
+def tree_datasets(shards: str, tree_id: str, models: list[dict], labels: TreeLabels,
+                  layers: list[str] | None, report: TreeTrainReport) -> dict[str, tuple[LayerDataset, LayerDataset]]:
+    """layer -> (train, val) for every candidate layer with labelled rows; empty, with
+    report.skipped saying why, when the tree cannot have an expert."""
+    candidates = layers or layers_of(shards, tree_id)
+    if not candidates:
+        report.skipped = "no extracted layers; run `probex extract` first"
+        return {}
+    if len(labels.labels) < MIN_LABELLED:
+        report.skipped = f"only {len(labels.labels)} documented models (need {MIN_LABELLED})"
+        return {}
+    data, why = {}, None
+    for layer in candidates:
+        try:
+            data[layer] = split_datasets(load_rows(shards, tree_id, layer, models), labels, tree_id, layer)
+        except EmptyDatasetError:
+            continue
+        except NoExpertError as e:
+            why = str(e)
+    if not data:
+        report.skipped = why or "no layer has labelled rows"
+    return data
+
+
+def fit_tree(data: dict[str, tuple[LayerDataset, LayerDataset]], labels: TreeLabels, encoder,
+             tcfg: TrainConfig | None, strategies, device: str) -> FittedExpert:
+    """Choose the layer on validation, then train the final expert on it."""
+    any_train = next(iter(data.values()))[0]
+    tcfg = tcfg or default_train_config(any_train.is_lora, device)
+    text_emb = None
+    if labels.head.uses_texts:
+        import torch
+
+        text_emb = torch.as_tensor(encoder.encode_classes(any_train.classes))
+    kw = model_kwargs(labels.head, None if text_emb is None else text_emb.shape[1])
+    choice = choose_layer(data, kw, tcfg, text_emb=text_emb, strategies=strategies)
+    train, val = data[choice.layer]
+    best = refit(probex_trainer(kw, text_emb), choice.best, train, val, tcfg, labels.head)
+    return FittedExpert(labels.head, choice, best, train, val, text_emb)
+
+
+def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedExpert, encoder,
+                   report: TreeTrainReport) -> None:
+    """Save a new expert version; make it current (and the tree's row point at it) only when it
+    validates at least as well as the current one."""
+    best, head = fitted.best, fitted.head
+    folder = tree_dir(experts, tree_id)
+    prev = current_version(folder)
+    if prev is not None:
+        report.previous_val = load_expert(folder / prev).config.get("metrics", {}).get("val")
+    promote = report.previous_val is None or head.selection_key(best.best_val) >= head.selection_key(report.previous_val)
+    extra = {"class_text_emb": fitted.text_emb} if fitted.text_emb is not None else None
+    path = save_expert(experts, tree_id, best.model, layer=fitted.choice.layer, labels=list(fitted.train.classes),
+                       text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
+                       metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
+                       info={"task": head.name, "n_train": len(fitted.train), "n_val": len(fitted.val),
+                             "refit": best.refit, "layer_choice": fitted.choice.summary()}, make_current=promote)
+    report.version, report.promoted = path.name, promote
+    if promote:
+        row = catalog.tree(tree_id) or {"tree_id": tree_id, "root": tree_id}
+        row.update(layer=fitted.choice.layer, expert_version=path.name, task=head.name)
+        catalog.upsert_trees([row])
 
 
 def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, encoder=None,
@@ -165,60 +253,16 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
                strategies=("fast",), device: str = "auto") -> TreeTrainReport:
     """Choose the layer, train, save a new expert version, promote it if not worse."""
     report = TreeTrainReport(tree_id)
-    models = catalog.tree_children(tree_id)
+    models = catalog.tree_children(tree_id, columns=TRAIN_COLUMNS)
     labels = tree_labels(models)
-    report.task = "zeroshot" if labels.task == "text" else "multilabel"
-    candidates = layers or layers_of(shards, tree_id)
-    if not candidates:
-        report.skipped = "no extracted layers; run `probex extract` first"
-        return report
-    if len(labels.labels) < MIN_LABELLED:
-        report.skipped = f"only {len(labels.labels)} documented models (need {MIN_LABELLED})"
-        return report
-    data = {}
-    for layer in candidates:
-        try:
-            data[layer] = split_datasets(load_rows(shards, tree_id, layer, models), labels, tree_id, layer)
-        except EmptyDatasetError:
-            continue
-        except NoExpertError as e:
-            report.skipped = str(e)
+    report.task = labels.head.name
+    data = tree_datasets(shards, tree_id, models, labels, layers, report)
     if not data:
-        report.skipped = report.skipped or "no layer has labelled rows"
         return report
-    report.skipped = None
-    any_train = next(iter(data.values()))[0]
-    tcfg = tcfg or default_train_config(any_train.is_lora, device)
-    text_emb = None
-    if labels.task == "text":
-        import torch
-
-        text_emb = torch.as_tensor(encoder.encode_classes(any_train.classes))
-    kw = model_kwargs(labels.task, None if text_emb is None else text_emb.shape[1])
-    choice = choose_layer(data, kw, tcfg, text_emb=text_emb, strategies=strategies)
-    train, val = data[choice.layer]
-    best = refit(probex_trainer(kw, text_emb), choice.best, train, val, tcfg, choice.best.config.head)
-    report.layer, report.layer_choice = choice.layer, choice.summary()
-    report.n_train, report.n_val = len(train), len(val)
-    report.val, report.params, report.refit = best.best_val, best.n_params, best.refit
-    # every full run of the layer choice, plus the refit on training + validation rows
-    report.train_seconds = sum(r.seconds for r in choice.results.values()) + best.seconds - choice.best.seconds
-
-    folder = tree_dir(experts, tree_id)
-    prev = current_version(folder)
-    if prev is not None:
-        report.previous_val = load_expert(folder / prev).config.get("metrics", {}).get("val")
-    promote = report.previous_val is None or selection_key(best.best_val) >= selection_key(report.previous_val)
-    extra = {"class_text_emb": text_emb} if text_emb is not None else None
-    path = save_expert(experts, tree_id, best.model, layer=choice.layer, labels=list(train.classes),
-                       text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
-                       metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
-                       info={"task": report.task, "n_train": len(train), "n_val": len(val), "refit": best.refit,
-                             "layer_choice": choice.summary()}, make_current=promote)
-    report.version, report.promoted = path.name, promote
-    if promote:
-        trees = {t["tree_id"]: t for t in catalog.read("trees").to_pylist()}
-        row = trees.get(tree_id, {"tree_id": tree_id, "root": tree_id})
-        row.update(layer=choice.layer, expert_version=path.name, task=report.task)
-        catalog.upsert_trees([row])
+    fitted = fit_tree(data, labels, encoder, tcfg, strategies, device)
+    report.layer, report.layer_choice = fitted.choice.layer, fitted.choice.summary()
+    report.n_train, report.n_val = len(fitted.train), len(fitted.val)
+    report.val, report.params, report.refit = fitted.best.best_val, fitted.best.n_params, fitted.best.refit
+    report.train_seconds = fitted.train_seconds
+    publish_expert(catalog, experts, tree_id, fitted, encoder, report)
     return report

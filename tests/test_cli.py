@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from probex.cli import app
+from probex_core.heads import TEXT
 
 runner = CliRunner()
 
@@ -34,7 +35,7 @@ def labels(tiny_home):
     from storage.query import CatalogQuery
 
     q = CatalogQuery.open(home=tiny_home[0].home)
-    text = next(t for t in q.trees().values() if t.head == "text")
+    text = next(t for t in q.trees().values() if t.head is TEXT)
     return text.labels
 
 
@@ -60,7 +61,7 @@ def test_classify_and_similar(home, labels, tiny_home):
     from storage.catalog import Catalog
 
     rows = Catalog(s.catalog).read("embeddings").to_pylist()
-    repo = next(r["repo_id"] for r in rows if r["task"] == "zeroshot")  # a text-head tree's model
+    repo = next(r["repo_id"] for r in rows if r["task"] == TEXT.name)  # a text-head tree's model
     r = run("classify", repo, "--labels", ",".join(labels[:3]), "--json", home=home)
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"]

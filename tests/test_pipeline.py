@@ -62,7 +62,7 @@ def test_every_tree_gets_an_expert_from_documented_models(tiny_home):
     for tree_id, r in trees.items():
         assert r["skipped"] is None, (tree_id, r["skipped"])
         assert r["layer"] and r["promoted"] and r["n_train"] >= 4
-    assert trees["sentence-transformers/all-MiniLM-L6-v2"]["task"] == "zeroshot"
+    assert trees["sentence-transformers/all-MiniLM-L6-v2"]["task"] == "text"
     assert trees["efficientnet/efficientnet-lite0"]["task"] == "multilabel"
 
 
@@ -132,7 +132,7 @@ def test_eval_json_has_the_shape_scheduled_jobs_read(tiny_home):
     s, _ = tiny_home
     doc = json.loads(to_json(eval_step(s)), parse_constant=strict)  # exactly what --json prints
     per_task = {"multilabel": {"accuracy", "map"},
-                "zeroshot": {"top1", "zeroshot_top1", "zeroshot_top5", "n_zeroshot_classes"}}
+                "text": {"top1", "zeroshot_top1", "zeroshot_top5", "n_zeroshot_classes"}}
     assert set(doc["trees"]) == {"sentence-transformers/all-MiniLM-L6-v2", "efficientnet/efficientnet-lite0",
                                  "sentence-transformers/paraphrase-MiniLM-L3-v2"}
     for tree_id, r in doc["trees"].items():

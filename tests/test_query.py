@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from probex_core.heads import TEXT
 import storage.query as query_mod
 from storage.query import CatalogQuery
 
@@ -47,7 +48,7 @@ def test_text_probe_trees_score_the_same_whole_or_from_vector_candidates(q, monk
     """A text-probe tree smaller than SCAN_ROWS is re-ranked whole; a larger one re-ranks its vector
     candidates. When the candidates cover the tree (tiny lake: fewer models than the depth), both
     plans must give the same models with the same fused, calibrated scores."""
-    t = next(t for t in q.trees().values() if t.head == "text")
+    t = next(t for t in q.trees().values() if t.head is TEXT)
     assert t.probe  # the tiny lake's L6 layers take text-encoder-sized inputs: the probe is on
     assert q._count(t.tree_id, t.version) <= query_mod.CANDIDATES_PER_TREE
     whole = q.search("a domestic animal", k=5, tree=t.tree_id)

@@ -149,7 +149,7 @@ class Plan:
 class TreeSummary:
     root: str
     kind: str  # "full" | "LoRA"
-    task: str  # "multi-label" | "single-concept"
+    task: str  # the head kind its children call for (a probex_core.heads name)
     n_models: int  # children (the root not counted)
     mean_accuracy: float | None
     min_accuracy: float | None
@@ -440,8 +440,8 @@ def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None])
 
 def _summaries(plan: Plan, written: list[PlannedModel], accuracy: dict[str, float | None]) -> list[TreeSummary]:
     out = []
-    for root, kind, task in ((IMAGE_ROOT, "full", "multi-label"), (L3_ROOT, "LoRA", "multi-label"),
-                             (L6_ROOT, "LoRA", "single-concept")):
+    for root, kind, task in ((IMAGE_ROOT, "full", "multilabel"), (L3_ROOT, "LoRA", "multilabel"),
+                             (L6_ROOT, "LoRA", "text")):
         accs = [accuracy[m.repo_id] for m in written if m.root == root and m.kind != "base"]
         n_classes = {IMAGE_ROOT: len(fashion_mnist.CLASSES), L3_ROOT: len(plan.l3_pool),
                      L6_ROOT: len(plan.l6_classes) + len(plan.l6_holdout)}[root]
