@@ -17,13 +17,16 @@ import numpy as np
 
 from probex_core.routing import is_head
 from storage.adapters import lora_modules, parse_adapter_config, read_lora_factors
-from storage.records import ADAPTER_WEIGHTS
+from storage.quantized import CONFIG_FILE, QuantConfig, has_companions, materialize, parse_quant_config, plan_layer
+from storage.records import ADAPTER_WEIGHTS, weight_files
 from storage.safetensors_reader import (
+    RepoLayout,
     TensorReadError,
     as_matrix,
     check_finite,
     read_header,
     read_repo_tensors,
+    repo_layout,
 )
 from storage.shards import LayerRow, has_shard, write_rows
 
@@ -44,7 +47,7 @@ class ExtractJob:
 
     @property
     def is_adapter(self) -> bool:
-        return ADAPTER_WEIGHTS in self.files and "model.safetensors" not in self.files
+        return weight_files(self.files).is_adapter
 
 
 @dataclass
@@ -116,20 +119,34 @@ def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
     return rows
 
 
-def _extract_full(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
+def _quant_config(job: ExtractJob, layout: RepoLayout, res: ExtractResult) -> QuantConfig:
+    """config.json's quantization_config, read only when a wanted layer has quantization companions."""
+    if CONFIG_FILE not in job.files or not has_companions(job.layers, layout.names):
+        return QuantConfig()
+    raw, n = _read_small(job.opener, CONFIG_FILE, limit=16 << 20)
+    res.bytes_read += n
+    res.bytes_needed += n
+    return parse_quant_config(raw)
+
+
+def _extract_full(job: ExtractJob, res: ExtractResult, filename: str | None = None) -> list[LayerRow]:
     loc = job.opener
-    read = read_repo_tensors(loc.open, job.layers, job.files, check=True)
+    layout = repo_layout(loc.open, job.files, filename or weight_files(job.files).filename)
+    res.bytes_read += layout.bytes_read
+    config = _quant_config(job, layout, res)
+    plans = {layer: plan_layer(layer, layout.names, config) for layer in job.layers}
+    read = read_repo_tensors(loc.open, [n for p in plans.values() for n in p.tensors], job.files,
+                             layout=layout, check=True)
     res.bytes_read += read.bytes_read
     res.bytes_needed += read.bytes_needed
     res.bytes_in_files += read.bytes_in_files
-    dtypes = {n: info.dtype for h in read.headers.values() for n, info in h.tensors.items()}
     rows = []
-    for layer in job.layers:
-        arr = read.tensors[layer]
+    for layer, plan in plans.items():
+        arr = materialize(plan, read.tensors, {n: read.dtype(n) for n in plan.tensors})
         X = as_matrix(arr)
         _check_shape(job, layer, X.shape)
-        rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "dense", X.shape,
-                             tuple(arr.shape), dtypes.get(layer, "F32"), 0, X=X))
+        rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "dequantized" if plan.dequantized else "dense",
+                             X.shape, tuple(arr.shape), read.dtype(plan.weight) or "F32", 0, X=X))
     return rows
 
 
@@ -166,14 +183,13 @@ def extract_model(job: ExtractJob) -> ExtractResult:
 # --- which layers a tree offers ------------------------------------------------------------
 
 def header_shapes(loc: RepoOpener, files: tuple[str, ...]) -> tuple[dict[str, tuple[int, ...]], int]:
-    """name -> shape of every tensor in the repo's weights file, reading only the header(s)."""
-    filename = ADAPTER_WEIGHTS if ADAPTER_WEIGHTS in files and "model.safetensors" not in files else "model.safetensors"
-    src = loc.open(filename)
-    try:
-        h = read_header(src)
-        return {n: tuple(i.shape) for n, i in h.tensors.items()}, src.bytes_read
-    finally:
-        src.close()
+    """name -> shape of every tensor in the repo's weights (every shard of a sharded one, the
+    denoiser of a diffusers pipeline), reading only the index and headers."""
+    layout = repo_layout(loc.open, files, weight_files(files).filename)
+    shapes = {}
+    for shard in dict.fromkeys(layout.weight_map.values()):
+        shapes.update({n: tuple(i.shape) for n, i in layout.header(loc.open, shard).tensors.items()})
+    return shapes, layout.bytes_read
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -208,6 +224,7 @@ def candidate_layers(samples: list[dict[str, tuple[int, int]]], changed: set[str
 def changed_layers(root: RepoOpener, child: RepoOpener, root_files: tuple[str, ...],
                    child_files: tuple[str, ...], names: list[str]) -> set[str]:
     """Names whose values differ between a root and one full fine-tuned child."""
-    a = read_repo_tensors(root.open, names, root_files, check=False).tensors
-    b = read_repo_tensors(child.open, names, child_files, check=False).tensors
+    a = read_repo_tensors(root.open, names, root_files, filename=weight_files(root_files).filename, check=False).tensors
+    b = read_repo_tensors(child.open, names, child_files, filename=weight_files(child_files).filename,
+                          check=False).tensors
     return {n for n in names if a[n].shape != b[n].shape or not np.array_equal(a[n], b[n])}

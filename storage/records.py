@@ -3,6 +3,7 @@ the catalog rows made from them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -39,9 +40,68 @@ class ModelRecord:
     reason: str | None = None
 
 
-# --- facts about a `models` catalog row that several steps need ---------------------------------
+# --- facts about a repo's files that several steps need -----------------------------------------
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT
+DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers `save_lora_weights`
+MODEL_INDEX = "model_index.json"  # a diffusers pipeline: components in subfolders
+# The component whose tensors a diffusers tree's layers are named after (what LoRAs adapt).
+DENOISERS = ("unet", "transformer")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+OTHER_WEIGHT_SUFFIXES = {".gguf": "GGUF", ".onnx": "ONNX", ".h5": "Keras HDF5", ".msgpack": "Flax msgpack",
+                         ".tflite": "TFLite", ".mlmodel": "Core ML"}
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Which file of a repo holds the weights a layer is read from.
+
+    kind: "full" (one safetensors file), "sharded" (`filename` is the shard index), "peft" (PEFT
+    adapter), "lora" (a diffusers or kohya LoRA file), "single" (one safetensors file of another
+    name: a LoRA or a whole checkpoint, told apart by its header), or "none" (nothing readable).
+    """
+
+    kind: str
+    filename: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind in ("peft", "lora")
+
+
+def weight_files(files: Iterable[str]) -> WeightFiles:
+    files = set(files)
+    if ADAPTER_WEIGHTS in files and "model.safetensors" not in files:
+        return WeightFiles("peft", ADAPTER_WEIGHTS)
+    if DIFFUSERS_LORA_WEIGHTS in files:
+        return WeightFiles("lora", DIFFUSERS_LORA_WEIGHTS)
+    for folder in ("", *(f"{c}/" for c in DENOISERS if MODEL_INDEX in files)):
+        for stem in ("model", "diffusion_pytorch_model"):
+            if f"{folder}{stem}.safetensors.index.json" in files:
+                return WeightFiles("sharded", f"{folder}{stem}.safetensors.index.json")
+            if f"{folder}{stem}.safetensors" in files:
+                return WeightFiles("full", f"{folder}{stem}.safetensors")
+    top = sorted(f for f in files if f.endswith(".safetensors") and "/" not in f)
+    if len(top) == 1:
+        return WeightFiles("single", top[0])
+    return WeightFiles("none")
+
+
+def no_safetensors_reason(files: Iterable[str]) -> str | None:
+    """Why a repo has weights but none this reader may open: only pickles (never unpickled: loading
+    one runs arbitrary code) or only other formats. None when it has safetensors, or no weights."""
+    files = sorted(files)
+    if any(f.endswith(".safetensors") for f in files):
+        return None
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    others = sorted({fmt for f in files for suffix, fmt in OTHER_WEIGHT_SUFFIXES.items() if f.endswith(suffix)})
+    if not pickles and not others:
+        return None
+    kinds = ([f"{', '.join(pickles[:3])}{' ...' if len(pickles) > 3 else ''} (pickle)"] if pickles else []) + others
+    return f"only {' and '.join(kinds)}, no safetensors: never opened"
+
+
+# --- facts about a `models` catalog row that several steps need ---------------------------------
 
 
 def repo_files(row: dict) -> tuple[str, ...]:
@@ -50,6 +110,5 @@ def repo_files(row: dict) -> tuple[str, ...]:
 
 
 def is_adapter(row: dict) -> bool:
-    """A PEFT adapter repo (adapter weights, no full weights)."""
-    files = repo_files(row)
-    return ADAPTER_WEIGHTS in files and "model.safetensors" not in files
+    """An adapter repo (PEFT, diffusers or kohya LoRA weights, no full weights)."""
+    return weight_files(repo_files(row)).is_adapter

@@ -482,12 +482,76 @@ def shards_for(names: Iterable[str], weight_map: dict[str, str]) -> dict[str, li
 
 
 @dataclass
+class RepoLayout:
+    """Where a repo's tensors live: {tensor name: file}, with the headers already read (a
+    single-file repo's header is read to list its names; a sharded repo's come from its index)."""
+
+    weight_map: dict[str, str]
+    headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # filename -> header
+    bytes_read: int = 0  # index and headers fetched so far
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def header(self, opener: Opener, filename: str) -> SafetensorsHeader:
+        """The header of one file of the repo, read once."""
+        if filename not in self.headers:
+            src = opener(filename)
+            try:
+                self.headers[filename] = read_header(src)
+            finally:
+                self.bytes_read += src.bytes_read
+                src.close()
+        return self.headers[filename]
+
+    def dtype(self, name: str) -> str | None:
+        header = self.headers.get(self.weight_map.get(name, ""))
+        info = header.tensors.get(name) if header else None
+        return info.dtype if info else None
+
+
+def default_weights_file(repo_files: Iterable[str]) -> str:
+    repo_files = set(repo_files)
+    if INDEX_FILENAME in repo_files:
+        return INDEX_FILENAME
+    return "model.safetensors" if "model.safetensors" in repo_files else "adapter_model.safetensors"
+
+
+def repo_layout(opener: Opener, repo_files: Iterable[str], filename: str | None = None) -> RepoLayout:
+    """The layout of a repo's weights in `filename`: a safetensors file, or a shard index
+    (`*.index.json`, whose shard names are relative to its folder). Default: the shard index when
+    the repo has one, else `model.safetensors`, else `adapter_model.safetensors`."""
+    filename = filename or default_weights_file(repo_files)
+    layout = RepoLayout({})
+    try:
+        if filename.endswith(".index.json"):
+            index = opener(filename)
+            try:
+                folder = filename.rpartition("/")[0]
+                layout.weight_map = {n: f"{folder}/{f}" if folder else f for n, f in read_weight_map(index).items()}
+            finally:
+                layout.bytes_read += index.bytes_read
+                index.close()
+        else:
+            layout.weight_map = dict.fromkeys(layout.header(opener, filename).tensors, filename)
+    except TensorReadError as e:
+        e.bytes_read = layout.bytes_read
+        raise
+    return layout
+
+
+@dataclass
 class RepoRead:
     tensors: dict[str, np.ndarray]
     bytes_read: int  # fetched, index and headers included
     bytes_needed: int  # the minimum: length prefixes + headers + the tensors' own bytes
     bytes_in_files: int  # total size of the safetensors files touched
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict)  # filename -> header
+
+    def dtype(self, name: str) -> str | None:
+        """The stored dtype of a tensor that was read."""
+        return next((h.tensors[name].dtype for h in self.headers.values() if name in h.tensors), None)
 
 
 def read_repo_tensors(
@@ -496,33 +560,26 @@ def read_repo_tensors(
     repo_files: Iterable[str],
     *,
     filename: str | None = None,
+    layout: RepoLayout | None = None,
     out_dtype=np.float32,
     check: bool = True,
 ) -> RepoRead:
-    """Read `names` from a repo: through the shard index when the repo has one, else from
-    `filename` (default `model.safetensors`, or `adapter_model.safetensors` in an adapter repo).
-    With `check`, NaN/Inf values raise CorruptFileError('nonfinite')."""
+    """Read `names` from a repo: through its shard index or its single weights file (see
+    `repo_layout`; pass a `layout` already made to reuse its headers). With `check`, NaN/Inf
+    values raise CorruptFileError('nonfinite')."""
     names = list(dict.fromkeys(names))
-    repo_files = set(repo_files)
     bytes_read = 0
     try:
-        if filename is None and INDEX_FILENAME in repo_files:
-            index = opener(INDEX_FILENAME)
-            try:
-                plan = shards_for(names, read_weight_map(index))
-            finally:
-                bytes_read += index.bytes_read
-                index.close()
+        if layout is None:
+            layout = repo_layout(opener, repo_files, filename)
         else:
-            if filename is None:
-                filename = "model.safetensors" if "model.safetensors" in repo_files else "adapter_model.safetensors"
-            plan = {filename: names}
-
+            bytes_read -= layout.bytes_read  # count only what this call fetches
+        plan = shards_for(names, layout.weight_map)
         result = RepoRead({}, 0, 0, 0)
         for shard, shard_names in plan.items():
+            header = layout.header(opener, shard)
             src = opener(shard)
             try:
-                header = read_header(src)
                 tensors = read_tensors(src, shard_names, header, out_dtype)
             finally:
                 bytes_read += src.bytes_read
@@ -535,7 +592,8 @@ def read_repo_tensors(
             result.bytes_needed += header.bytes_needed(shard_names)
             result.bytes_in_files += header.file_size or 0
     except TensorReadError as e:
-        e.bytes_read = bytes_read  # a quarantined model's reads still count (they were transferred)
+        # a quarantined model's reads still count (they were transferred)
+        e.bytes_read = bytes_read + (layout.bytes_read if layout else e.bytes_read)
         raise
-    result.bytes_read = bytes_read
+    result.bytes_read = bytes_read + layout.bytes_read
     return result

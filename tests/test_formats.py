@@ -1,0 +1,217 @@
+"""Checkpoints as the Hub ships them, read through extraction: FP8 copies dequantized like the
+library that wrote them, integer packings refused with their method named, dtypes the reader does
+not know refused for that layer only."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as np_save_file
+from safetensors.torch import save_file
+
+from storage.extract import ExtractJob, extract_model, header_shapes
+from storage.quantized import QuantConfig, parse_quant_config, plan_layer
+from storage.shards import read_layer
+from storage.sources import LocalOpener
+
+SHA = "0" * 40
+LAYER = "model.layers.0.self_attn.q_proj.weight"
+MODULE = LAYER.removesuffix(".weight")
+
+
+def repo(tmp_path: Path, name: str, tensors: dict, config: dict | None = None,
+         filename: str = "model.safetensors", **json_files) -> LocalOpener:
+    d = tmp_path / name
+    (d / filename).parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(next(iter(tensors.values())), torch.Tensor):
+        save_file(tensors, str(d / filename))
+    else:
+        np_save_file(tensors, str(d / filename))
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(config))
+    for f, doc in json_files.items():
+        (d / f.replace("__", "/")).parent.mkdir(parents=True, exist_ok=True)
+        (d / f.replace("__", "/")).write_text(json.dumps(doc))
+    return LocalOpener(f"org/{name}", SHA, str(d))
+
+
+def extract(tmp_path: Path, opener: LocalOpener, layers=(LAYER,)):
+    files = tuple(sorted(p.relative_to(opener.folder).as_posix() for p in Path(opener.folder).rglob("*") if p.is_file()))
+    res = extract_model(ExtractJob(opener, "org/root", files, tuple(layers), str(tmp_path / "shards")))
+    rows = {l: read_layer(tmp_path / "shards", "org/root", l, {opener.repo_id}) for l in layers} if res.status == "ok" else {}
+    return res, {l: r[0] for l, r in rows.items() if r}
+
+
+# --- FP8 ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fine_grained_fp8_dequantizes_like_transformers(tmp_path, scale_fmt):
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+    quantizer = SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[16, 32], scale_fmt=scale_fmt))
+    w = torch.randn(48, 96)
+    stored = Fp8Quantize(quantizer).convert({LAYER: w, "model.norm.weight": torch.ones(96)})
+    ref = Fp8Dequantize(quantizer).convert({"weight": stored[LAYER], "weight_scale_inv": stored[f"{MODULE}.weight_scale_inv"]},
+                                           model=None)["weight"].float().numpy()
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 32], "fmt": "e4m3"}}
+    res, rows = extract(tmp_path, repo(tmp_path, "fp8", stored, config))
+    assert res.status == "ok", res.reason
+    row = rows[LAYER]
+    assert (row.kind, row.dtype, tuple(row.shape)) == ("dequantized", "F8_E4M3", (48, 96))
+    np.testing.assert_array_equal(row.X, ref)
+    assert np.abs(row.X - w.numpy()).max() < 0.1 * np.abs(w.numpy()).max()  # and it is the weight
+
+
+def test_block_scales_cover_a_ragged_edge(tmp_path):
+    """Shapes not divisible by the block (DeepSeek's ceil-sized scale grid)."""
+    rng = np.random.default_rng(0)
+    q = torch.from_numpy(rng.standard_normal((50, 40)).astype(np.float32)).to(torch.float8_e4m3fn)
+    s = torch.from_numpy(rng.uniform(0.5, 2, (4, 3)).astype(np.float32))  # ceil(50/16) x ceil(40/16)
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    res, rows = extract(tmp_path, repo(tmp_path, "ragged", {LAYER: q, f"{MODULE}.weight_scale_inv": s}, config))
+    expected = np.array([[float(q[i, j].float()) * float(s[i // 16, j // 16]) for j in range(40)] for i in range(50)],
+                        np.float32)
+    np.testing.assert_array_equal(rows[LAYER].X, expected)
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "channel", "group"])
+def test_compressed_tensors_fp8_scales(tmp_path, strategy):
+    from transformers.integrations.compressed_tensors import quantize_fp8_per_row
+
+    w = torch.randn(24, 64)
+    if strategy == "channel":
+        q, s = quantize_fp8_per_row(w)
+        s = s.unsqueeze(1)  # compressed-tensors stores channel scales as [out, 1]
+    elif strategy == "tensor":
+        s = (w.abs().max() / torch.finfo(torch.float8_e4m3fn).max).reshape(1)
+        q = (w / s).to(torch.float8_e4m3fn)
+    else:
+        s = w.reshape(24, 4, 16).abs().amax(-1) / torch.finfo(torch.float8_e4m3fn).max  # 4 groups of 16
+        q = (w.reshape(24, 4, 16) / s[..., None]).reshape(24, 64).to(torch.float8_e4m3fn)
+    s = s.to(torch.bfloat16)  # stored in the model's dtype
+    ref = (q.float().reshape(24, -1, 64 // s.shape[-1]) * s.float().reshape(24 if s.numel() > 1 else 1, -1, 1)).reshape(24, 64)
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}}
+    tensors = {LAYER: q, f"{MODULE}.weight_scale": s, f"{MODULE}.input_scale": torch.ones(1)}
+    res, rows = extract(tmp_path, repo(tmp_path, f"ct-{strategy}", tensors, config))
+    assert res.status == "ok", res.reason
+    assert rows[LAYER].kind == "dequantized"
+    np.testing.assert_allclose(rows[LAYER].X, ref.numpy(), rtol=1e-6, atol=0)
+
+
+def test_block_scales_without_a_block_size_are_refused(tmp_path):
+    q = torch.zeros(32, 32).to(torch.float8_e4m3fn)
+    res, _ = extract(tmp_path, repo(tmp_path, "noblock", {LAYER: q, f"{MODULE}.weight_scale_inv": torch.ones(2, 2)}, {}))
+    assert res.status == "quarantined" and res.reason.startswith("bad_quantization: ") and "weight_block_size" in res.reason
+
+
+def test_fp8_weights_without_scales_and_unknown_dtypes(tmp_path):
+    """A plain FP8 checkpoint (no scales) is read as stored; before ml_dtypes it was quarantined."""
+    w = torch.randn(8, 12)
+    res, rows = extract(tmp_path, repo(tmp_path, "plain8", {LAYER: w.to(torch.float8_e5m2)}))
+    assert res.status == "ok" and rows[LAYER].kind == "dense" and rows[LAYER].dtype == "F8_E5M2"
+    np.testing.assert_array_equal(rows[LAYER].X, w.to(torch.float8_e5m2).float().numpy())
+
+
+# --- refused packings --------------------------------------------------------------------------
+
+
+def gptq_tensors(bits=4, group=32, out=64, inn=64):
+    """GPTQ/AWQ layout (AutoGPTQ, AutoAWQ, gptqmodel): int32-packed codes, zeros and fp16 scales."""
+    per = 32 // bits
+    return {f"{MODULE}.qweight": np.zeros((inn // per, out), np.int32), f"{MODULE}.qzeros": np.zeros((inn // group, out // per), np.int32),
+            f"{MODULE}.scales": np.ones((inn // group, out), np.float16), f"{MODULE}.g_idx": np.arange(inn, dtype=np.int32) // group,
+            "model.norm.weight": np.ones(out, np.float32)}
+
+
+def bnb4_tensors():
+    return {LAYER: np.zeros((2048, 1), np.uint8), f"{LAYER}.absmax": np.ones(64, np.float32),
+            f"{LAYER}.quant_map": np.linspace(-1, 1, 16).astype(np.float32),
+            f"{LAYER}.quant_state.bitsandbytes__nf4": np.zeros(120, np.uint8)}
+
+
+def bnb8_tensors():
+    return {LAYER: np.zeros((64, 64), np.int8), f"{MODULE}.SCB": np.ones(64, np.float32),
+            f"{MODULE}.weight_format": np.zeros((), np.uint8)}
+
+
+@pytest.mark.parametrize("name, tensors, qc, reason, words", [
+    ("gptq", gptq_tensors(), {"quant_method": "gptq", "bits": 4, "group_size": 32}, "quantized_gptq", "GPTQ"),
+    ("awq", gptq_tensors(), {"quant_method": "awq", "bits": 4, "group_size": 32}, "quantized_awq", "AWQ"),
+    ("undeclared", gptq_tensors(), None, "quantized_gptq_or_awq", "GPTQ or AWQ"),
+    ("nf4", bnb4_tensors(), {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+     "quantized_bitsandbytes", "bitsandbytes 4-bit (NF4)"),
+    ("int8", bnb8_tensors(), {"quant_method": "bitsandbytes", "load_in_8bit": True}, "quantized_bitsandbytes", "LLM.int8"),
+    ("packed", {f"{MODULE}.weight_packed": np.zeros((64, 8), np.int32), f"{MODULE}.weight_scale": np.ones((64, 1), np.float32)},
+     {"quant_method": "compressed-tensors", "format": "pack-quantized"}, "quantized_compressed_tensors", "weight_packed"),
+])
+def test_integer_packings_are_refused_with_their_method(tmp_path, name, tensors, qc, reason, words):
+    config = {"quantization_config": qc} if qc else {}
+    res, _ = extract(tmp_path, repo(tmp_path, name, tensors, config))
+    assert res.status == "quarantined"
+    assert res.reason.startswith(f"{reason}: ") and words in res.reason and "not weights" in res.reason
+    # refused from the names alone: no tensor bytes fetched beyond the header and config.json
+    assert res.bytes_read < 2048
+
+
+def test_an_unquantized_layer_of_a_quantized_model_is_read(tmp_path):
+    """GPTQ keeps some modules in float (lm_head, modules_to_not_convert): those layers read as dense."""
+    tensors = {**gptq_tensors(), "lm_head.weight": np.ones((10, 64), np.float16)}
+    res, rows = extract(tmp_path, repo(tmp_path, "mixed", tensors, {"quantization_config": {"quant_method": "gptq"}}),
+                        layers=("lm_head.weight",))
+    assert res.status == "ok" and rows["lm_head.weight"].kind == "dense"
+
+
+def test_integer_tensors_are_never_weights(tmp_path):
+    res, _ = extract(tmp_path, repo(tmp_path, "ints", {LAYER: np.ones((4, 4), np.int8)}))
+    assert res.status == "quarantined" and res.reason.startswith("not_float: ") and "I8" in res.reason
+
+
+def test_an_unknown_dtype_quarantines_only_the_model_that_needs_it(tmp_path):
+    d = tmp_path / "future"
+    d.mkdir()
+    blob = json.dumps({LAYER: {"dtype": "F2_E1M0", "shape": [4, 4], "data_offsets": [0, 4]},
+                       "other.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [4, 20]}}).encode()
+    (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(20))
+    opener = LocalOpener("org/future", SHA, str(d))
+    res, _ = extract(tmp_path, opener)
+    assert res.status == "quarantined" and res.reason.startswith("unsupported_dtype: unsupported dtype F2_E1M0")
+    res, rows = extract(tmp_path, opener, layers=("other.weight",))
+    assert res.status == "ok" and rows["other.weight"].X.shape == (2, 2)
+
+
+def test_quant_config_and_plans():
+    cfg = parse_quant_config(json.dumps({"quantization_config": {"quant_method": "FP8", "weight_block_size": [128, 128]}}))
+    assert cfg == QuantConfig("fp8", (128, 128), None, None)
+    assert parse_quant_config(b"{not json") == QuantConfig()
+    names = {LAYER, f"{MODULE}.weight_scale_inv"}
+    plan = plan_layer(LAYER, names, cfg)
+    assert plan.tensors == [LAYER, f"{MODULE}.weight_scale_inv"] and plan.block_size == (128, 128) and plan.dequantized
+    assert not plan_layer("x.weight", {"x.weight"}, QuantConfig()).dequantized
+
+
+# --- file layouts ---------------------------------------------------------------------------------
+
+
+def test_sharded_and_diffusers_layouts_are_read_through_their_index(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    d = tmp_path / "sd"
+    (d / "unet").mkdir(parents=True)
+    np_save_file({"down.weight": a}, str(d / "unet" / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    np_save_file({"up.weight": b}, str(d / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"down.weight": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                                            "up.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+    (d / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    opener = LocalOpener("org/sd", SHA, str(d))
+    files = tuple(sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()))
+    shapes, _ = header_shapes(opener, files)
+    assert shapes == {"down.weight": (6, 4), "up.weight": (3, 4)}
+    res, rows = extract(tmp_path, opener, layers=("down.weight", "up.weight"))
+    assert res.status == "ok", res.reason
+    np.testing.assert_array_equal(rows["down.weight"].X, a)
+    np.testing.assert_array_equal(rows["up.weight"].X, b)
