@@ -452,7 +452,54 @@ def bench_fresh_clone() -> None:
                          "how": "git clone + make demo (scripts/benchmark.py fresh_clone)"})
 
 
-SECTIONS = {"lake": None, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+def _best_of(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_micro() -> None:
+    """Costs the tests used to time: ProbeX's factored LoRA path against the same rows formed
+    densely (64 rows of 384x384 at rank 8), and the card parser on hostile cards (a billion-laughs
+    YAML, 5,000 tags), which must be refused in well under a crawl's per-model budget."""
+    import tempfile
+
+    import torch
+
+    from probex_core.data import LayerDataset, WeightBatch, WeightRow
+    from probex_core.probex import ProbeX, ProbeXConfig
+    from storage.sources import LocalSource
+
+    torch.manual_seed(0)
+    rows = [WeightRow(f"m{i}", A=torch.randn(8, 384), B=torch.randn(384, 8), scale=1.0) for i in range(64)]
+    ds = LayerDataset.from_rows(rows, tree="t", layer="l")
+    lora, dense = ds.batch(), WeightBatch(X=ds.batch().dense())
+    m = ProbeX(ProbeXConfig(d_H=384, d_W=384, n_outputs=10))
+    with torch.no_grad():
+        t_lora, t_dense = _best_of(lambda: m(lora)), _best_of(lambda: m(dense))
+
+    laughs = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 12)]
+    cards = {"billion_laughs": "\n".join(laughs), "tags_5000": "tags:\n" + "".join(f"- t{i}\n" for i in range(5000))}
+    parse = {}
+    for name, front in cards.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = Path(tmp) / "a" / "b"
+            repo.mkdir(parents=True)
+            (repo / "README.md").write_text(f"---\n{front}\n---\n")
+            (repo / "config.json").write_text("{}")
+            recs = []
+            seconds = _best_of(lambda: recs.append(list(LocalSource(tmp).list_models())), repeats=3)
+            parse[name] = {"seconds": seconds, "status": str(recs[-1][0].status)}
+    save("micro", {"factored_ms": t_lora * 1e3, "dense_ms": t_dense * 1e3, "factored_speedup": t_dense / t_lora,
+                   "card_parse": parse})
+
+
+SECTIONS = {"lake": None, "micro": bench_micro, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
             "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 

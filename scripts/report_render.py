@@ -269,6 +269,17 @@ def seeds(doc: dict) -> list[str]:
                            "per seed (0, 1, ...)", "mean mAP"], rows)
 
 
+def micro(doc: dict) -> list[str]:
+    lines = ["## Small costs (issue 16: moved here from timed tests)", _machine(doc), "",
+             "ProbeX forward on 64 LoRA rows of 384x384 at rank 8, factored (never forming X) vs the "
+             "same rows formed densely; the card parser on hostile cards (refused, not parsed).", ""]
+    lines += _table(["what", "value"], [["factored forward ms", doc["factored_ms"]], ["dense forward ms", doc["dense_ms"]],
+                                        ["factored speed-up", doc["factored_speedup"]]])
+    lines += [""] + _table(["hostile card", "seconds", "status"],
+                           [[k, v["seconds"], v["status"]] for k, v in doc["card_parse"].items()])
+    return lines
+
+
 def design_notes(doc: dict) -> list[str]:
     out = ["## Measurements behind design choices", "", doc["note"], ""]
     out += _table(["where", "measured", "benchmark section", "what"],
@@ -278,7 +289,7 @@ def design_notes(doc: dict) -> list[str]:
 
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
-            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("design_notes", design_notes)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("micro", micro), ("design_notes", design_notes)]
 
 
 def render(store: Path) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -155,13 +154,11 @@ def test_hostile_cards_become_bad_card(tmp_path, front, words):
     assert rec.status == Status.BAD_CARD and words in rec.reason and rec.base_model == []
 
 
-def test_billion_laughs_is_refused_quickly(tmp_path):
+def test_billion_laughs_is_refused(tmp_path):
     lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 12)]
     write_repo(tmp_path, "a/b", {"README.md": card("\n".join(lines)), "config.json": {}}, t=T0)
-    start = time.perf_counter()
-    (rec,) = LocalSource(tmp_path).list_models()
-    assert time.perf_counter() - start < 2
+    (rec,) = LocalSource(tmp_path).list_models()  # its parse cost: the benchmark's `micro` section
     assert rec.status == Status.BAD_CARD and "anchors/aliases" in rec.reason
 
 
@@ -221,12 +218,10 @@ def test_open_source_picks_by_spec(lake, monkeypatch):
         open_source("local:")
 
 
-def test_card_parse_cost_is_bounded(tmp_path):
+def test_oversized_and_unusable_cards_are_refused(tmp_path):
     many_tags = "tags:\n" + "".join(f"- t{i}\n" for i in range(5000))  # de-dup is quadratic upstream
     write_repo(tmp_path, "a/tags", {"README.md": card(many_tags), "config.json": {}}, t=T0)
     write_repo(tmp_path, "a/keys", {"README.md": card("1: int key\nlicense: mit"), "config.json": {}}, t=T0 + 1)
-    start = time.perf_counter()
     recs = by_id(LocalSource(tmp_path))
-    assert time.perf_counter() - start < 3
     assert recs["a/tags"].status == Status.BAD_CARD and "over the 1000 limit" in recs["a/tags"].reason
     assert recs["a/keys"].status == Status.BAD_CARD and "unusable" in recs["a/keys"].reason
