@@ -15,13 +15,14 @@ def dask_runner(s: Settings):
     import logging
 
     from prefect_dask import DaskTaskRunner
+    from tasks.dask_cluster import HTTP_ADDRESS
 
     # Its "Creating a new Dask cluster" / dashboard lines are noise in a nightly log.
     logging.getLogger("prefect.task_runner").setLevel(logging.WARNING)
     if s.dask_address:
         return DaskTaskRunner(address=s.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1,
-                                         "processes": True, "dashboard_address": None})
+                                         "processes": True, "dashboard_address": HTTP_ADDRESS})
 
 
 def publish(key: str, title: str, sections: dict[str, dict | list | str]) -> None:

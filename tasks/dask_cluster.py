@@ -58,6 +58,11 @@ def quiet_cluster_config():
     return dask.config.set(QUIET_CLUSTER)
 
 
+# The scheduler's HTTP server: with no address it still tries port 8787 and warns when another
+# cluster holds it; any free loopback port never warns and is never reachable from outside.
+HTTP_ADDRESS = "127.0.0.1:0"
+
+
 def local_cluster(n_workers: int = 2) -> "distributed.LocalCluster":
     """`n_workers` single-threaded worker processes (numpy/torch work does not share a GIL)."""
     from distributed import LocalCluster
@@ -65,7 +70,7 @@ def local_cluster(n_workers: int = 2) -> "distributed.LocalCluster":
     logging.getLogger("distributed").setLevel(logging.WARNING)
     with quiet_cluster_config():
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                            dashboard_address=None, silence_logs=logging.WARNING)
+                            dashboard_address=HTTP_ADDRESS, silence_logs=logging.WARNING)
 
 
 def check_scheduler(address: str) -> None:
