@@ -41,8 +41,12 @@ class Placement:
         return self.tree_id == self.repo_id
 
 
-def place(models: Mapping[str, tuple[Sequence[str], str | None]]) -> dict[str, Placement]:
-    """Place every model of `models` = {repo_id: (declared parents, declared relation)}."""
+def place(models: Mapping[str, tuple[Sequence[str], str | None]],
+          known_roots: frozenset[str] | set[str] = frozenset()) -> dict[str, Placement]:
+    """Place every model of `models` = {repo_id: (declared parents, declared relation)}.
+
+    `known_roots`: models named as a parent by models outside `models` (a crawl places only the
+    part of the catalog it can change): without lineage they are roots, not unassigned."""
     parents = {m: tuple(dict.fromkeys(p for p in ps if p)) for m, (ps, _) in models.items()}
     relation = {m: rel for m, (_, rel) in models.items()}
     flags: dict[str, set[str]] = {m: set() for m in models}
@@ -59,7 +63,7 @@ def place(models: Mapping[str, tuple[Sequence[str], str | None]]) -> dict[str, P
         if not others:
             flags[m].add(NO_LINEAGE)
     declared_parent = dict(up)  # before cycle cuts, for `Placement.parent`
-    referenced = {p for m, ps in parents.items() for p in ps if p != m}
+    referenced = {p for m, ps in parents.items() for p in ps if p != m} | set(known_roots)
 
     resolved: dict[str, tuple[str | None, int | None]] = {}  # model -> (tree, depth)
     for start in sorted(models):

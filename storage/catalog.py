@@ -37,7 +37,7 @@ SCALAR_INDEXES = {
     TREES: {"tree_id": "btree"},
 }
 ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares
-LOOKUP_CHUNK = 500  # keys per IN (...) filter when an upsert looks up stored hashes
+LOOKUP_CHUNK = 500  # values per IN (...) filter (an upsert's stored hashes, a crawl's lookups)
 _ABSENT = object()
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -270,6 +270,11 @@ class Catalog:
             return self.read(MODELS, where=where, columns=columns).to_pylist()
         return [r for r in models if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
 
+    def tree(self, tree_id: str) -> dict | None:
+        """The tree's row, or None when the catalog has no such tree."""
+        rows = self.read(TREES, where=f"tree_id = {_sql(tree_id)}").to_pylist()
+        return rows[0] if rows else None
+
     def upsert_trees(self, rows: list[dict]) -> UpsertResult:
         return self.upsert(TREES, rows, TREE_KEY, TREES_SCHEMA)
 
@@ -299,6 +304,13 @@ def row_hash(row: dict) -> str:
     """A stable digest of a row's content (its values as Arrow gives them back)."""
     body = json.dumps({k: v for k, v in row.items() if k != ROW_HASH}, sort_keys=True, default=str)
     return hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+
+
+def sql_in(column: str, values) -> list[str]:
+    """`column IN (...)` filters covering `values`, LOOKUP_CHUNK at a time (none for no values)."""
+    values = list(values)
+    return [f"{column} IN ({', '.join(_sql(v) for v in values[i:i + LOOKUP_CHUNK])})"
+            for i in range(0, len(values), LOOKUP_CHUNK)]
 
 
 def _sql(value) -> str:

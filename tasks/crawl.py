@@ -4,6 +4,10 @@ Incremental and idempotent: by default the listing starts at the source's waterm
 (repo_id, sha) pairs are read further (an adapter's header for its module signature, a few tensors
 for weight routing); rows are upserted by diff, so a re-run changes nothing; the watermark moves
 only after the rows are committed, and never past models a `--limit` left unread.
+
+Cost follows the listing, not the catalog: only the rows a crawl can change or needs to decide
+are read (the listed repos, their ancestors, and the descendants of repos whose lineage moved),
+through filtered, projected LanceDB queries; trees are recounted only where a row came or went.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from datetime import datetime
 
 from probex_core.lineage import place
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
-from storage.catalog import MODELS, Catalog
+from storage.catalog import MODELS, TREES, Catalog, sql_in
 from storage.extract import adapter_layer_shapes, header_shapes
 from storage.records import ModelRecord, is_adapter, repo_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
@@ -37,7 +41,7 @@ class CrawlSummary:
     unassigned: int = 0
     routed: int = 0  # placed by weights
     errors: list[dict] = field(default_factory=list)  # {repo_id, status, reason}
-    per_tree: dict[str, int] = field(default_factory=dict)  # all current models per tree
+    per_tree: dict[str, int] = field(default_factory=dict)  # models now in each tree this crawl changed
     watermark: str | None = None  # the stored watermark after this crawl
     next_watermark: str | None = None  # what it may advance to once everything downstream committed
     seconds: float = 0.0
@@ -81,18 +85,26 @@ def _parse_signature(items) -> set[tuple[str, int, int]]:
     return out
 
 
-def _tree_signatures(source: Source, current: dict[str, dict]) -> list[TreeSignature]:
+def _tree_signatures(source: Source, catalog: Catalog, current: dict[str, dict]) -> list[TreeSignature]:
     """A signature per tree: its root's fingerprint tensors (when the root is readable here) and
-    the union of its adapters' module signatures."""
+    the union of its adapters' module signatures, from what lineage placed: the stored rows
+    (projected) and this crawl's own, not yet written."""
     sigs: dict[str, TreeSignature] = {}
-    for row in current.values():
+    stored = catalog.read(MODELS, where="lineage_source = 'card' AND status != 'superseded'",
+                          columns=["repo_id", "tree_id", "adapter_modules"]).to_pylist()
+    placed = {r["repo_id"]: r for r in stored if r["repo_id"] not in current}
+    placed.update({m: r for m, r in current.items() if r.get("lineage_source") == "card"})
+    for row in placed.values():
         t = row.get("tree_id")
-        if not t or row.get("lineage_source") != "card":
+        if not t:
             continue
         sig = sigs.setdefault(t, TreeSignature(t))
         sig.adapter_modules |= _parse_signature(row.get("adapter_modules"))
+    roots = {r["repo_id"]: r for r in _models_where(catalog, "repo_id", sorted(set(sigs) - set(current)),
+                                                    "status != 'superseded'")}
+    roots.update({m: r for m, r in current.items() if m in sigs})
     for t, sig in sigs.items():
-        root = current.get(t)
+        root = roots.get(t)
         if root is None or is_adapter(root) or "model.safetensors" not in repo_files(root):
             continue
         try:
@@ -132,17 +144,19 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
     summary = CrawlSummary(source.name)
     if since is None and until is None and incremental:
         since = catalog.watermark(source.name)
-    existing = catalog.read(MODELS).to_pylist()
     records = list_window(source, since, until, limit, on_record)
     summary.seen = len(records)
-    fresh = new_rows(source, records, existing, summary)
+    listed = listed_rows(catalog, records)
+    fresh = new_rows(source, records, listed, summary)
+    existing, known_roots = neighbourhood(catalog, listed, fresh)
     current, superseded = current_view(existing, fresh)
-    to_route, touched = place_by_lineage(current, fresh, summary)
+    to_route, touched = place_by_lineage(current, fresh, summary, known_roots)
     if to_route:
-        route_by_weights(source, current, to_route, summary)
+        route_by_weights(source, catalog, current, to_route, summary)
     if superseded or touched:  # nothing new: no table is read again or written
         catalog.upsert_models(superseded + touched)
-        _refresh_trees(catalog)
+        summary.per_tree = refresh_trees(catalog, {r.get("tree_id") for r in existing} |
+                                         {r.get("tree_id") for r in touched})
     count_outcomes(current, fresh, summary)
     move_watermark(catalog, source, records, limit, until, advance_watermark, summary)
     summary.seconds = time.perf_counter() - t0
@@ -156,6 +170,56 @@ def list_window(source: Source, since, until, limit, on_record=None) -> list[Mod
         if on_record:
             on_record(rec)
     return records
+
+
+def listed_rows(catalog: Catalog, records: list[ModelRecord]) -> list[dict]:
+    """Every stored row (each sha) of the listed repo ids."""
+    return _models_where(catalog, "repo_id", sorted({r.repo_id for r in records}))
+
+
+def _models_where(catalog: Catalog, column: str, values, extra: str | None = None,
+                  columns: list[str] | None = None) -> list[dict]:
+    out = []
+    for clause in sql_in(column, values):
+        out += catalog.read(MODELS, where=f"{clause} AND ({extra})" if extra else clause, columns=columns).to_pylist()
+    return out
+
+
+def neighbourhood(catalog: Catalog, listed: list[dict], fresh: dict[tuple[str, str], dict]
+                  ) -> tuple[list[dict], set[str]]:
+    """The stored rows whose placement the crawl can change or needs: the listed repos, every
+    declared ancestor (up to the roots), and every descendant of a repo whose first parent is new
+    or moved (so an orphan follows its parent when the parent arrives). Also the ids already
+    stored as roots: a model without lineage that others name stays a root when those others are
+    outside the neighbourhood."""
+    rows = {(r["repo_id"], r["sha"]): r for r in listed}
+    have = {r["repo_id"] for r in listed}
+    prior = {r["repo_id"]: r for r in listed if r["status"] != "superseded"}
+    moved = [k[0] for k, row in fresh.items()
+             if k[0] not in prior or _first_parent(prior[k[0]]) != _first_parent(row)]
+    # descendants, by the stored first-parent link
+    frontier = moved
+    while frontier:
+        found = [r for r in _models_where(catalog, "parent", frontier, "status != 'superseded'")
+                 if (r["repo_id"], r["sha"]) not in rows]
+        for r in found:
+            rows[(r["repo_id"], r["sha"])] = r
+        frontier = sorted({r["repo_id"] for r in found} - set(frontier))
+        have |= set(frontier)
+    # ancestors, through every declared parent
+    wanted = {p for r in [*rows.values(), *fresh.values()] for p in r.get("parents") or []} - have
+    while wanted:
+        found = _models_where(catalog, "repo_id", sorted(wanted), "status != 'superseded'")
+        have |= wanted
+        for r in found:
+            rows[(r["repo_id"], r["sha"])] = r
+        wanted = {p for r in found for p in r.get("parents") or []} - have
+    roots = {r["repo_id"] for r in rows.values() if r.get("tree_id") == r["repo_id"] and r["status"] != "superseded"}
+    return list(rows.values()), roots
+
+
+def _first_parent(row: dict) -> str | None:
+    return next((p for p in row.get("parents") or [] if p and p != row["repo_id"]), None)
 
 
 def new_rows(source: Source, records: list[ModelRecord], existing: list[dict],
@@ -194,9 +258,10 @@ def current_view(existing: list[dict], fresh: dict[tuple[str, str], dict]) -> tu
 
 
 def place_by_lineage(current: dict[str, dict], fresh: dict[tuple[str, str], dict],
-                     summary: CrawlSummary) -> tuple[list[dict], list[dict]]:
-    """Lineage over everything we know. Returns (fresh rows lineage cannot place, rows to write)."""
-    placements = place({m: (r["parents"] or [], r["relation"]) for m, r in current.items()})
+                     summary: CrawlSummary, known_roots: set[str] = frozenset()
+                     ) -> tuple[list[dict], list[dict]]:
+    """Lineage over the neighbourhood. Returns (fresh rows lineage cannot place, rows to write)."""
+    placements = place({m: (r["parents"] or [], r["relation"]) for m, r in current.items()}, known_roots)
     to_route, touched = [], []
     for repo_id, row in current.items():
         p = placements[repo_id]
@@ -219,11 +284,11 @@ def place_by_lineage(current: dict[str, dict], fresh: dict[tuple[str, str], dict
     return to_route, touched
 
 
-def route_by_weights(source: Source, current: dict[str, dict], to_route: list[dict],
+def route_by_weights(source: Source, catalog: Catalog, current: dict[str, dict], to_route: list[dict],
                      summary: CrawlSummary) -> None:
     """Place what lineage could not by its weights' distance to each tree; a corrupt file is
     quarantined instead."""
-    sigs = _tree_signatures(source, current)
+    sigs = _tree_signatures(source, catalog, current)
     for row in to_route:
         try:
             fp = _fingerprint(source, row, sigs)
@@ -243,13 +308,14 @@ def route_by_weights(source: Source, current: dict[str, dict], to_route: list[di
 
 
 def count_outcomes(current: dict[str, dict], fresh: dict[tuple[str, str], dict], summary: CrawlSummary) -> None:
+    """What happened to this crawl's new rows (the catalog's totals are in `trees`)."""
     for row in current.values():
+        if (row["repo_id"], row["sha"]) not in fresh:
+            continue
         if row["status"] == "unassigned":
             summary.unassigned += 1
-        elif row["status"] not in ("ok", "quarantined") and (row["repo_id"], row["sha"]) in fresh:
+        elif row["status"] not in ("ok", "quarantined"):
             summary.errors.append({"repo_id": row["repo_id"], "status": row["status"], "reason": row["reason"]})
-        if row.get("tree_id") and row["status"] != "superseded":
-            summary.per_tree[row["tree_id"]] = summary.per_tree.get(row["tree_id"], 0) + 1
 
 
 def move_watermark(catalog: Catalog, source: Source, records: list[ModelRecord], limit, until,
@@ -267,22 +333,29 @@ def move_watermark(catalog: Catalog, source: Source, records: list[ModelRecord],
     summary.watermark = wm.isoformat() if wm else None
 
 
-def _refresh_trees(catalog: Catalog) -> None:
-    """Recompute per-tree counts from the current models; keep each tree's expert columns."""
-    rows = [r for r in catalog.read(MODELS).to_pylist() if r["status"] != "superseded" and r["tree_id"]]
-    old = {r["tree_id"]: r for r in catalog.read("trees").to_pylist()}
-    trees: dict[str, dict] = {}
-    for r in rows:
-        t = trees.setdefault(r["tree_id"], {
-            "tree_id": r["tree_id"], "root": r["tree_id"], "n_models": 0, "n_finetune": 0,
-            "n_adapter": 0, "n_other": 0,
-            **{k: old.get(r["tree_id"], {}).get(k) for k in ("layer", "expert_version", "task",
-                                                             "candidate_layers", "layer_shapes")},
-        })
+TREE_COUNT_COLUMNS = ["repo_id", "tree_id", "relation", "files"]
+TREE_KEEP = ("layer", "expert_version", "task", "candidate_layers", "layer_shapes")
+
+
+def refresh_trees(catalog: Catalog, tree_ids: set[str | None]) -> dict[str, int]:
+    """Recount the given trees from their current models (projected: the columns counting needs),
+    keeping each tree's expert columns; a tree left with no model keeps its row at zero. Returns
+    {tree: models} of the recounted trees."""
+    tree_ids = sorted(t for t in tree_ids if t)
+    if not tree_ids:
+        return {}
+    old = {}
+    for clause in sql_in("tree_id", tree_ids):
+        old.update({r["tree_id"]: r for r in catalog.read(TREES, where=clause).to_pylist()})
+    trees = {t: {"tree_id": t, "root": t, "n_models": 0, "n_finetune": 0, "n_adapter": 0, "n_other": 0,
+                 **{k: old.get(t, {}).get(k) for k in TREE_KEEP}} for t in tree_ids}
+    for r in _models_where(catalog, "tree_id", tree_ids, "status != 'superseded'", TREE_COUNT_COLUMNS):
+        t = trees[r["tree_id"]]
         t["n_models"] += 1
         if r["repo_id"] == r["tree_id"]:
             continue
         kind = "n_adapter" if is_adapter(r) or r["relation"] == "adapter" else (
             "n_finetune" if r["relation"] in (None, "finetune") else "n_other")
         t[kind] += 1
-    catalog.upsert_trees(list(trees.values()))
+    catalog.upsert_trees([t for t in trees.values() if t["n_models"] or t["tree_id"] in old])
+    return {t: v["n_models"] for t, v in trees.items() if v["n_models"]}
