@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import select
+import signal
+import subprocess
+import sys
 import time
+import tracemalloc
+import urllib.request
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
 
+import hubserver
+import numpy as np
 import pytest
 from hubserver import HubServer
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import RevisionNotFoundError
 from huggingface_hub.utils import get_session
 from minilake import build_lake
+from safetensors.numpy import load as load_safetensors
 
 from storage.http import HttpClient
-from storage.sources import HubSource, LocalSource, RateLimited, RetryPolicy, SourceError, Status
+from storage.safetensors_reader import read_header, read_repo_tensors
+from storage.sources import HubSource, LocalSource, RateLimited, RetryPolicy, SourceError, Status, parse
 
 FAST = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=5, jitter=0)  # exact waits to assert
 
@@ -174,10 +189,9 @@ def test_resolve_range_requests(hub, lake):
 
 
 def test_safetensors_reader_reads_header_through_server(hub, lake):
-    reader = pytest.importorskip("storage.safetensors_reader")
     src = source(hub)
     rec = next(r for r in src.list_models() if r.repo_id == "org/child-lora")
-    header = reader.read_header(src.opener(rec.repo_id, rec.sha).open("adapter_model.safetensors"))
+    header = read_header(src.opener(rec.repo_id, rec.sha).open("adapter_model.safetensors"))
     assert {"layer.weight", "layer.bias"} <= set(header.tensors)
 
 
@@ -212,3 +226,316 @@ def test_model_info_rereads_one_repo_like_the_listing(hub, lake):
     opener = pickle.loads(pickle.dumps(src.opener("org/child-lora", listed["org/child-lora"].sha)))
     assert opener.http == src.http and "token" not in repr(opener)
     assert opener.open("adapter_model.safetensors").size() == (lake / "org/child-lora/adapter_model.safetensors").stat().st_size
+
+
+# --- the simulated Hub at scale (issue 18, item 2) ---------------------------------------------------
+
+MILLION = 1_000_000
+LISTED = {"_id", "id", "sha", "lastModified", "createdAt"}  # what HubSource's listing expands to
+
+
+class FakeClock:
+    """The server's clock and the client's sleep at once: a wait the client sleeps moves the
+    server's time, so rate-limit windows are tested exactly and instantly."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def sim():
+    with HubServer(repos=MILLION, seed=7, tree_size=10, page_size=50) as server:
+        yield server
+    assert server.open_connections == 0 and not server._thread.is_alive()  # clean shutdown
+
+
+def raw_get(url: str, **kw):
+    return get_session().get(url, timeout=10, **kw)
+
+
+def test_simulated_listing_pages_newest_first_with_hubsource(sim):
+    src = source(sim)
+    listed = list(islice(src._listing(), 150))  # 3 pages of 50, through Link: rel="next"
+    assert [m.id for m in listed] == [sim.sim.repo_id(i) for i in range(MILLION - 1, MILLION - 151, -1)]
+    times = [m.last_modified for m in listed]
+    assert times == sorted(times, reverse=True) and len(set(times)) == 150  # strictly newest first
+    assert all(m.created_at < m.last_modified and len(m.sha) == 40 for m in listed)
+    assert sim.counts["list"] == {"served": 3, "refused": 0}
+    # the Hub's shapes: the fields asked for (expand), and a Link carrying the query and a cursor
+    page = raw_get(f"{sim.url}/api/models", params={"sort": "lastModified", "direction": "-1",
+                                                   "expand": ["sha", "lastModified", "createdAt"]})
+    assert page.status_code == 200 and len(page.json()) == 50
+    assert {frozenset(item) for item in page.json()} == {frozenset(LISTED)}
+    nxt = page.links["next"]["url"]
+    assert "cursor=" in nxt and "expand=sha" in nxt and "sort=lastModified" in nxt
+    default = raw_get(f"{sim.url}/api/models", params={"limit": 2}).json()
+    assert len(default) == 2 and set(default[0]) == {"_id", *hubserver.LISTING_DEFAULT}
+    assert default[0]["tags"] == ["simulated", default[0]["id"].split("/")[1].split("-")[0]]
+    # records: model info and config.json per repo; lineage from the card's base_model
+    recs = list(src.list_models(limit=3))
+    assert [r.repo_id for r in recs] == [m.id for m in listed[:3]]
+    for r in recs:
+        i = sim.sim.index(r.repo_id)
+        assert r.status == Status.OK and r.sha == sim.sim.sha(i)
+        assert r.base_model == [sim.sim.repo_id(sim.sim.parent(i))] and r.base_model_relation == "finetune"
+        assert r.id2label == {str(k): v for k, v in enumerate(sim.sim.labels(i))}
+        assert {f.path for f in r.files} == {"README.md", "config.json", "model.safetensors"}
+
+
+def test_simulated_listing_stops_at_the_watermark(sim):
+    newest = [sim.sim.last_modified_ms(i) for i in range(MILLION - 1, MILLION - 121, -1)]
+    since = datetime.fromtimestamp(newest[-1] / 1000, timezone.utc)  # the 120th newest: inclusive
+    got = list(source(sim).list_models(since=since))
+    assert [r.repo_id for r in got] == [sim.sim.repo_id(i) for i in range(MILLION - 1, MILLION - 121, -1)]
+    assert sim.counts["list"]["served"] == 3  # page 3 reaches past the watermark: no page 4
+
+
+def test_new_repos_go_on_top_and_a_nightly_finds_only_them(sim):
+    src = source(sim)
+    first = raw_get(f"{sim.url}/api/models", params={"sort": "lastModified", "direction": "-1"})
+    watermark = max(r.last_modified for r in islice(src._listing(), 1))  # the newest before the nightly
+    added = sim.add_new(30)
+    assert added == range(MILLION, MILLION + 30) and sim.sim.total == MILLION + 30
+    # a listing already under way goes on where it was: new repos do not shift its pages
+    cont = raw_get(first.links["next"]["url"]).json()
+    assert cont[0]["id"] == sim.sim.repo_id(MILLION - 51)
+    got = list(src.list_models(since=watermark))  # `since` is inclusive: the old newest comes again
+    ids = [r.repo_id for r in got]
+    assert ids == [sim.sim.repo_id(i) for i in range(MILLION + 29, MILLION - 2, -1)]
+    assert all(r.last_modified > watermark for r in got[:30])
+    assert all(sim.sim.index(r.base_model[0]) < MILLION for r in got[:30])  # they join existing trees
+
+
+def test_deep_repo_has_a_card_and_a_readable_safetensors_file(sim):
+    i = 765_432
+    repo_id = sim.sim.repo_id(i)
+    src = source(sim)
+    rec = src.model_info(repo_id)
+    assert rec.status == Status.OK and rec.sha == sim.sim.sha(i)
+    assert rec.base_model == [sim.sim.repo_id(sim.sim.parent(i))]
+    opener = src.opener(repo_id, rec.sha)
+    readme = src.http.request("GET", opener.url("README.md")).content
+    card, problem = parse.card_from_bytes(readme)
+    info = raw_get(f"{sim.url}/api/models/{repo_id}/revision/{rec.sha}", params={"blobs": "true"}).json()
+    assert problem is None and card.to_dict() == info["cardData"] == sim.sim.card(i)
+    assert {s["rfilename"]: s["size"] for s in info["siblings"]} == {f.path: f.size for f in rec.files}
+    header = read_header(opener.open("model.safetensors"))
+    assert header.tensors["encoder.layer.0.attention.self.query.weight"].shape == (8, 8)
+    assert header.tensors["classifier.weight"].shape == (len(sim.sim.labels(i)), 8)
+    names = ["encoder.layer.0.attention.self.query.weight", "classifier.weight"]
+    read = read_repo_tensors(opener.open, names, [f.path for f in rec.files])  # ranged reads, as the crawler
+    expected = sim.sim.tensors(i)
+    for name in names:
+        np.testing.assert_array_equal(read.tensors[name], expected[name])
+    whole = src.http.request("GET", opener.url("model.safetensors")).content
+    assert set(load_safetensors(whole)) == set(expected)  # the reference reader agrees
+    # deterministic from the seed: another server, same seed, same bytes; another seed differs
+    with HubServer(repos=MILLION, seed=7) as again, HubServer(repos=MILLION, seed=8) as other:
+        assert raw_get(f"{again.url}/{repo_id}/resolve/main/model.safetensors").content == whole
+        assert other.sim.repo_id(i) != repo_id or other.sim.sha(i) != rec.sha
+    # a repo the hub does not list is a 404, as on the Hub
+    assert src.model_info(repo_id.rsplit("-", 1)[0] + f"-{i + 1}").status == Status.NOT_FOUND
+    assert src.model_info(f"{repo_id.rsplit('-', 1)[0]}-{MILLION + 5}").status == Status.NOT_FOUND
+
+
+def test_simulated_repos_form_trees_of_the_configured_size():
+    with HubServer(repos=60, tree_size=6, seed=3) as hub:
+        recs = {r.repo_id: r for r in source(hub).list_models()}
+    assert len(recs) == 60 and all(r.status == Status.OK for r in recs.values())
+
+    def root(repo_id: str) -> str:
+        seen = []
+        while recs[repo_id].base_model:
+            seen.append(repo_id)
+            repo_id = recs[repo_id].base_model[0]
+            assert repo_id not in seen  # parents are always older: no cycles
+        return repo_id
+
+    trees: dict[str, int] = {}
+    for repo_id in recs:
+        trees[root(repo_id)] = trees.get(root(repo_id), 0) + 1
+    assert sorted(trees.values()) == [6] * 10
+    for r in recs.values():  # a parent is older than its child: lineage points back in time
+        if r.base_model:
+            assert recs[r.base_model[0]].last_modified < r.last_modified
+
+
+def test_rate_limit_answers_429_and_the_client_waits_the_advised_reset():
+    clock = FakeClock()
+    policy = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=60, jitter=0)
+    with HubServer(repos=MILLION, page_size=10, rate_limit={"api": 3}, window_s=10, clock=clock) as hub:
+        http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=clock.sleep)
+        src = HubSource(endpoint=hub.url, token=False, http=http)
+        got = list(src.list_models(limit=3))  # 1 page + 3 infos: the 3rd info is over the budget of 3
+        assert [r.repo_id for r in got] == [hub.sim.repo_id(i) for i in (MILLION - 1, MILLION - 2, MILLION - 3)]
+        assert clock.waits == [10.0]  # RateLimit reset (r=0;t=10) of a fresh 10 s window
+        assert hub.counts["list"] == {"served": 1, "refused": 0}
+        assert hub.counts["info"] == {"served": 3, "refused": 1}
+        assert hub.counts["resolve"] == {"served": 3, "refused": 0}  # resolvers: no limit set
+        # the headers, read raw: every answer of a limited bucket, and the refusal
+        clock.now += 4  # 4 s into the second window, which has 2 of 3 left
+        ok = raw_get(f"{hub.url}/api/models/{got[0].repo_id}")
+        assert ok.status_code == 200 and ok.headers["RateLimit"] == '"api";r=1;t=6'
+        assert ok.headers["RateLimit-Policy"] == '"fixed window";"api";q=3;w=10'
+        assert raw_get(f"{hub.url}/api/models").status_code == 200
+        refused = raw_get(f"{hub.url}/api/models")
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "6"
+        assert refused.headers["RateLimit"] == '"api";r=0;t=6'
+        assert refused.headers["RateLimit-Policy"] == '"fixed window";"api";q=3;w=10'
+        assert "RateLimit" not in raw_get(f"{hub.url}/{got[0].repo_id}/resolve/main/config.json").headers
+        assert hub.counts["list"] == {"served": 2, "refused": 1} and hub.counts["info"]["served"] == 4
+
+
+def test_rate_limit_on_ranged_reads_and_per_client_budgets():
+    clock = FakeClock()
+    policy = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=60, jitter=0)
+    with HubServer(repos=MILLION, rate_limit={"resolvers": 2}, window_s=30, rate_scope="client",
+                   clock=clock) as hub:
+        http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=clock.sleep)
+        repo_id = hub.sim.repo_id(123)
+        for token in ("hf_worker_a", "hf_worker_b"):  # each client has its own budget
+            src = HubSource(endpoint=hub.url, token=token, http=http)
+            header = read_header(src.opener(repo_id, hub.sim.sha(123)).open("model.safetensors"))
+            assert "classifier.weight" in header.tensors
+        assert clock.waits == []  # a header read is 2 ranged GETs: within each client's 2
+        src = HubSource(endpoint=hub.url, token="hf_worker_a", http=http)
+        src.opener(repo_id, hub.sim.sha(123)).open("config.json").read(0, 4)
+        assert clock.waits == [30.0] and hub.counts["resolve"] == {"served": 5, "refused": 1}
+    with HubServer(repos=MILLION, rate_limit={"resolvers": 2}, window_s=30, clock=clock) as hub:  # global
+        url = f"{hub.url}/{hub.sim.repo_id(5)}/resolve/main/config.json"
+        statuses = [raw_get(url, headers={"Authorization": f"Bearer hf_{k}"}).status_code for k in "abc"]
+        assert statuses == [200, 200, 429] and hub.counts["resolve"] == {"served": 2, "refused": 1}
+
+
+def test_rate_limit_with_a_real_short_window():
+    """Real time: every 429 is followed by a wait of the advised reset, then a success."""
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(seconds)
+
+    policy = RetryPolicy(max_retries=4, base_wait_s=0.05, max_wait_s=5, jitter=0)
+    with HubServer(repos=MILLION, page_size=5, rate_limit={"api": 1}, window_s=1) as hub:
+        http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=sleep)
+        got = list(HubSource(endpoint=hub.url, token=False, http=http).list_models(limit=2))
+        assert [r.status for r in got] == [Status.OK, Status.OK]
+        served = hub.counts["list"]["served"] + hub.counts["info"]["served"]
+        refused = hub.counts["list"]["refused"] + hub.counts["info"]["refused"]
+        assert served == 3 and refused == len(waits) and all(w == 1.0 for w in waits)
+
+
+def test_counts_stats_and_new_repos_through_the_control_endpoints(sim):
+    list(source(sim).list_models(limit=2))
+    with urllib.request.urlopen(f"{sim.url}/_sim/stats", timeout=10) as resp:
+        stats = json.load(resp)
+    assert stats["counts"] == sim.counts == {
+        "list": {"served": 1, "refused": 0}, "info": {"served": 2, "refused": 0},
+        "resolve": {"served": 2, "refused": 0}, "other": {"served": 0, "refused": 0}}
+    assert (stats["repos"], stats["new"], stats["total"], stats["trees"]) == (MILLION, 0, MILLION, MILLION // 10)
+    req = urllib.request.Request(f"{sim.url}/_sim/new?count=1000", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        added = json.load(resp)
+    assert added["added"] == [MILLION, MILLION + 1000] and sim.sim.total == MILLION + 1000
+    assert raw_get(f"{sim.url}/api/models", params={"limit": 1}).json()[0]["id"] == sim.sim.repo_id(MILLION + 999)
+    with urllib.request.urlopen(urllib.request.Request(f"{sim.url}/_sim/reset", method="POST"), timeout=10):
+        pass
+    assert all(c == {"served": 0, "refused": 0} for c in sim.counts.values())  # control calls are not counted
+    assert raw_get(f"{sim.url}/api/models", params={"search": "x"}).status_code == 400
+
+
+def test_a_page_costs_a_page_anywhere_and_the_server_keeps_no_per_repo_state():
+    with HubServer(repos=MILLION, page_size=1000) as hub:
+        def fetch(after: int | None) -> list[dict]:
+            params = {"sort": "lastModified", "direction": "-1", "expand": ["sha", "lastModified", "createdAt"]}
+            if after is not None:
+                params["cursor"] = hub.sim.cursor(after)
+            resp = raw_get(f"{hub.url}/api/models", params=params)
+            assert resp.status_code == 200
+            return resp.json()
+
+        deep = fetch(1500)  # far into the cursor space: the page below index 1500
+        assert [m["id"] for m in deep] == [hub.sim.repo_id(i) for i in range(1499, 499, -1)]
+        assert [m["id"] for m in fetch(500)] == [hub.sim.repo_id(i) for i in range(499, -1, -1)]  # the last
+        raw = raw_get(f"{hub.url}/api/models", params={"cursor": hub.sim.cursor(500)})
+        assert "Link" not in raw.headers  # the oldest repo ends the listing
+        fetch(None)
+        raw_get(f"{hub.url}/{hub.sim.repo_id(42)}/resolve/main/model.safetensors")  # warm every route
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for k in range(20):  # 20,000 repos listed, from the top to the bottom of the index space
+                fetch(None if k == 0 else MILLION - k * 49_999)
+                raw_get(f"{hub.url}/api/models/{hub.sim.repo_id(k * 49_999)}", params={"blobs": "true"})
+                raw_get(f"{hub.url}/{hub.sim.repo_id(k * 49_999)}/resolve/main/model.safetensors",
+                        headers={"Range": "bytes=0-7"})
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        mine = [tracemalloc.Filter(True, hubserver.__file__)]
+        grown = sum(d.size_diff for d in after.filter_traces(mine).compare_to(before.filter_traces(mine), "filename"))
+        assert grown < 16 * 1024  # one object per listed repo kept would be > 20,000 objects
+        assert hub.traffic.hits == [] and not hub.traffic.body_bytes  # no per-request log either
+        assert sum(c["served"] for c in hub.counts.values()) == 65
+
+
+def test_standalone_process_serves_several_clients():
+    script = Path(hubserver.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), "--repos", str(MILLION), "--new", "10", "--port", "0",
+                             "--rate-limit", "api=1000,resolvers=5000", "--page-size", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the server printed nothing within 60 s"
+        info = json.loads(proc.stdout.readline())
+        assert info["total"] == MILLION + 10 and info["rate_limit"] == {"api": 1000, "resolvers": 5000}
+        url = info["url"]
+        ids = [[m.id for m in islice(HubSource(endpoint=url, token=t, http=client())._listing(), 25)]
+               for t in ("hf_a", "hf_b")]
+        assert ids[0] == ids[1] and len(ids[0]) == 25 and ids[0][0].endswith(f"-{MILLION + 9}")
+        with urllib.request.urlopen(f"{url}/_sim/stats", timeout=10) as resp:
+            assert json.load(resp)["counts"]["list"] == {"served": 4, "refused": 0}  # 2 clients x 2 pages
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            proc.stdout.close()
+            proc.stderr.close()
+    assert proc.returncode == 0
+
+
+def test_lake_and_simulated_arguments_are_checked(lake):
+    with pytest.raises(ValueError, match="not both or neither"):
+        HubServer()
+    with pytest.raises(ValueError, match="not both or neither"):
+        HubServer(lake, repos=10)
+    with pytest.raises(ValueError, match="rate_scope"):
+        HubServer(repos=10, rate_limit={"api": 1}, rate_scope="per-ip")
+    assert hubserver.parse_limits("free") == hubserver.FREE_TOKEN
+    assert hubserver.parse_limits("api=7, resolvers=9") == {"api": 7, "resolvers": 9}
+    with pytest.raises(ValueError, match="BUCKET=N"):
+        hubserver.parse_limits("api")
+
+
+def test_a_lake_hub_can_be_rate_limited_too(lake):
+    clock = FakeClock()
+    policy = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=60, jitter=0)
+    with HubServer(lake, page_size=4, rate_limit={"api": 2}, window_s=5, clock=clock) as hub:
+        http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=clock.sleep)
+        got = list(HubSource(endpoint=hub.url, token=False, http=http).list_models(limit=3))
+    assert got == list(LocalSource(lake).list_models(limit=3))
+    assert clock.waits == [5.0] and hub.counts["info"]["refused"] == 1
