@@ -10,17 +10,28 @@ reason, never raised: one bad model must not stop a run.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from probex_core.routing import is_head
-from storage.adapters import lora_modules, parse_adapter_config, read_lora_factors
+from storage.adapters import (
+    PEFT,
+    LoraAdapterConfig,
+    adapter_format,
+    looks_like_adapter,
+    lora_modules,
+    parse_adapter_config,
+    read_adapter_factors,
+)
 from storage.quantized import CONFIG_FILE, QuantConfig, has_companions, materialize, parse_quant_config, plan_layer
-from storage.records import ADAPTER_WEIGHTS, weight_files
+from storage.records import weight_files
 from storage.safetensors_reader import (
+    ByteSource,
     RepoLayout,
+    SafetensorsHeader,
     TensorReadError,
     as_matrix,
     check_finite,
@@ -88,20 +99,27 @@ def _check_shape(job: ExtractJob, layer: str, shape: tuple[int, int]) -> None:
         )
 
 
-def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
-    loc = job.opener
-    raw, n = _read_small(loc, ADAPTER_CONFIG)
+def _adapter_config(job: ExtractJob, res: ExtractResult, fmt: str) -> LoraAdapterConfig | None:
+    """PEFT's adapter_config.json; diffusers and kohya files carry their scale themselves."""
+    if fmt != PEFT:
+        return None
+    raw, n = _read_small(job.opener, ADAPTER_CONFIG)
     res.bytes_read += n
     res.bytes_needed += n
-    config = parse_adapter_config(raw)
-    src = loc.open(ADAPTER_WEIGHTS)
+    return parse_adapter_config(raw)
+
+
+def _extract_adapter(job: ExtractJob, res: ExtractResult, filename: str, src: ByteSource | None = None,
+                     header: SafetensorsHeader | None = None) -> list[LayerRow]:
+    loc = job.opener
+    src = src or loc.open(filename)
     try:
-        header = read_header(src)
-        factors = read_lora_factors(src, config, job.layers, header=header)
-        pairs = lora_modules(header.tensors)
+        header = header or read_header(src)
+        config = _adapter_config(job, res, adapter_format(header.tensors))
+        factors = read_adapter_factors(src, job.layers, header, config)
+        pairs = lora_modules(header.tensors, job.layers)
         res.bytes_needed += header.bytes_needed(
-            [name for m in job.layers for name in (pairs[m].a_name, pairs[m].b_name)]
-        )
+            [n for m in job.layers for n in (pairs[m].a_name, pairs[m].b_name, pairs[m].alpha_name) if n])
         res.bytes_in_files += header.file_size or 0
     finally:
         res.bytes_read += src.bytes_read
@@ -119,6 +137,24 @@ def _extract_adapter(job: ExtractJob, res: ExtractResult) -> list[LayerRow]:
     return rows
 
 
+def _extract_single(job: ExtractJob, res: ExtractResult, filename: str) -> list[LayerRow]:
+    """One safetensors file of no telling name: a LoRA (kohya, civitai) or a whole checkpoint,
+    told apart by its header, which is read once for either."""
+    src = job.opener.open(filename)
+    try:
+        header = read_header(src)
+    except TensorReadError as e:
+        e.bytes_read = src.bytes_read
+        src.close()
+        raise
+    if looks_like_adapter(header.tensors):
+        return _extract_adapter(job, res, filename, src, header)
+    bytes_read = src.bytes_read
+    src.close()
+    layout = RepoLayout(dict.fromkeys(header.tensors, filename), {filename: header}, bytes_read)
+    return _extract_full(job, res, layout=layout)
+
+
 def _quant_config(job: ExtractJob, layout: RepoLayout, res: ExtractResult) -> QuantConfig:
     """config.json's quantization_config, read only when a wanted layer has quantization companions."""
     if CONFIG_FILE not in job.files or not has_companions(job.layers, layout.names):
@@ -129,9 +165,9 @@ def _quant_config(job: ExtractJob, layout: RepoLayout, res: ExtractResult) -> Qu
     return parse_quant_config(raw)
 
 
-def _extract_full(job: ExtractJob, res: ExtractResult, filename: str | None = None) -> list[LayerRow]:
+def _extract_full(job: ExtractJob, res: ExtractResult, layout: RepoLayout | None = None) -> list[LayerRow]:
     loc = job.opener
-    layout = repo_layout(loc.open, job.files, filename or weight_files(job.files).filename)
+    layout = layout or repo_layout(loc.open, job.files, weight_files(job.files).filename)
     res.bytes_read += layout.bytes_read
     config = _quant_config(job, layout, res)
     plans = {layer: plan_layer(layer, layout.names, config) for layer in job.layers}
@@ -159,8 +195,14 @@ def extract_model(job: ExtractJob) -> ExtractResult:
         res.status = "skipped"
         res.layers = list(job.layers)
         return res
+    files = weight_files(job.files)
     try:
-        rows = _extract_adapter(job, res) if job.is_adapter else _extract_full(job, res)
+        if files.kind == "single":
+            rows = _extract_single(job, res, files.filename)
+        elif files.is_adapter:
+            rows = _extract_adapter(job, res, files.filename)
+        else:
+            rows = _extract_full(job, res)
     except TensorReadError as e:
         res.status, res.reason = "quarantined", f"{e.reason}: {e.message}"
         res.bytes_read += e.bytes_read
@@ -198,10 +240,12 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
     return (shape[0], int(np.prod(shape[1:])))
 
 
-def adapter_layer_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
-    """LoRA module -> (d_H, d_W) of its update, from an adapter header."""
+def adapter_layer_shapes(shapes: dict[str, tuple[int, ...]],
+                         root_modules: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """LoRA module -> (d_H, d_W) of its update, from an adapter header (any LoRA format; kohya's
+    modules named after `root_modules` when given)."""
     out = {}
-    for module, pair in lora_modules(shapes).items():
+    for module, pair in lora_modules(shapes, root_modules).items():
         a, b = shapes[pair.a_name], shapes[pair.b_name]
         out[module] = (b[0], int(np.prod(a[1:])))
     return out

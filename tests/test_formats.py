@@ -215,3 +215,45 @@ def test_sharded_and_diffusers_layouts_are_read_through_their_index(tmp_path):
     assert res.status == "ok", res.reason
     np.testing.assert_array_equal(rows["down.weight"].X, a)
     np.testing.assert_array_equal(rows["up.weight"].X, b)
+
+
+# --- adapters without adapter_config.json ---------------------------------------------------------
+
+
+def test_kohya_and_diffusers_loras_extract_as_factors(tmp_path):
+    from peft import LoraConfig
+    from test_adapters import UNET_MODULES, diffusers_lora, kohya_file
+
+    k = tmp_path / "kohya"
+    k.mkdir()
+    deltas = kohya_file(k / "my_style_v2.safetensors", dict.fromkeys(UNET_MODULES, 2.0))
+    (k / "README.md").write_text("---\nbase_model: org/root\ntags: [lora]\n---\n")
+    res, rows = extract(tmp_path, LocalOpener("org/kohya", SHA, str(k)), layers=UNET_MODULES)
+    assert res.status == "ok", res.reason
+    for m in UNET_MODULES:
+        row = rows[m]
+        assert row.kind == "lora" and row.scale == 0.5 and row.rank == 4
+        np.testing.assert_allclose(row.scale * row.B @ row.A, deltas[m], rtol=1e-5, atol=1e-5)
+
+    d = tmp_path / "diffusers"
+    d.mkdir()
+    deltas = diffusers_lora(d, LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_out.0", "conv1"]), metadata=True)
+    res, rows = extract(tmp_path, LocalOpener("org/diffusers", SHA, str(d)), layers=UNET_MODULES)
+    assert res.status == "ok", res.reason
+    np.testing.assert_allclose(rows[UNET_MODULES[2]].scale * rows[UNET_MODULES[2]].B @ rows[UNET_MODULES[2]].A,
+                               deltas[UNET_MODULES[2]].reshape(6, -1), atol=2e-5)
+
+
+def test_a_lycoris_file_is_quarantined_with_its_kind_and_a_full_single_file_is_read(tmp_path):
+    d = tmp_path / "loha"
+    d.mkdir()
+    key = "lora_unet_down_blocks_0_attn_to_k"
+    save_file({f"{key}.hada_w1_a": torch.ones(8, 2), f"{key}.hada_w1_b": torch.ones(2, 8)}, str(d / "loha.safetensors"))
+    res, _ = extract(tmp_path, LocalOpener("org/loha", SHA, str(d)), layers=("down_blocks.0.attn.to_k",))
+    assert res.status == "quarantined" and res.reason.startswith("lycoris_loha_unsupported: LyCORIS LoHa")
+
+    f = tmp_path / "single"
+    f.mkdir()
+    np_save_file({"model.diffusion_model.out.weight": np.ones((3, 2), np.float32)}, str(f / "v1-5-pruned.safetensors"))
+    res, rows = extract(tmp_path, LocalOpener("org/single", SHA, str(f)), layers=("model.diffusion_model.out.weight",))
+    assert res.status == "ok" and rows["model.diffusion_model.out.weight"].kind == "dense"
