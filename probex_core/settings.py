@@ -5,8 +5,13 @@ Everything lives under one home folder (PROBEX_HOME, default ./.probex):
 
     home/lake/      the bundled demo model lake (Hub-shaped repos)
     home/shards/    Parquet shards of extracted layers
-    home/catalog/   the LanceDB database (any LanceDB URI works)
+    home/catalog/   the LanceDB database
     home/experts/   ProbeX checkpoints (safetensors + JSON)
+
+Shards, catalog and experts each take a folder, a file:// URI or an object-store URI
+(s3://bucket/prefix, gs://bucket/prefix, az://container/prefix); an object store's endpoint and
+credentials come from its own standard variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), read
+by storage/fs.py in each process, never kept here.
     home/prefect/   PREFECT_HOME, so Prefect never writes to ~/.prefect unless asked
 
 A bad value raises `SettingsError` naming the variable, which the CLI prints as one line.
@@ -37,6 +42,8 @@ ENV_MAX_WAIT = "PROBEX_HTTP_MAX_WAIT"
 # sentence-transformers model id that is present offline works too.
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 DEVICES = ("auto", "cpu", "cuda")
+# Store URI schemes storage/fs.py (and LanceDB) can open; file:// becomes a plain folder here.
+STORE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 
 
 class SettingsError(ValueError):
@@ -74,6 +81,30 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def store_uri(name: str, raw: str, absolute: bool = False) -> str:
+    """A store setting as storage/fs.py takes it: an object-store URI as given, file:// as its
+    folder, a plain folder as given (absolute when asked). `s3:/x` or an unknown scheme is an
+    error, not a local folder named "s3:"."""
+    if raw.lower().startswith("file://"):
+        rest = raw[len("file://"):]
+        host, _, path = rest.partition("/")  # file:///x (no host) or file://localhost/x
+        if host not in ("", "localhost"):
+            raise SettingsError(f"{name}={raw!r} names a host; a file:// URI is a local folder: file:///path")
+        return str(Path("/" + path).absolute())
+    scheme, sep, rest = raw.partition("://")
+    if sep:
+        if scheme.lower() not in STORE_SCHEMES:
+            raise SettingsError(f"{name}={raw!r} has an unknown scheme {scheme!r}; use a folder, file://, "
+                                "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix")
+        if not rest.split("/", 1)[0]:
+            raise SettingsError(f"{name}={raw!r} names no bucket; use {scheme}://bucket/prefix")
+        return raw
+    head = raw.split(":", 1)[0].lower() if ":" in raw else ""
+    if head in STORE_SCHEMES + ("file",):
+        raise SettingsError(f"{name}={raw!r} looks like a URI without '//'; write {head}://bucket/prefix")
+    return str(Path(raw).expanduser().absolute()) if absolute else raw
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """Every request to a Hub endpoint (listing, model info, file and range reads) uses these.
@@ -104,8 +135,8 @@ class Settings:
     home: Path
     lake: Path
     shards: str  # a folder or an object-store URI
-    catalog: str  # any LanceDB URI; a local folder by default
-    experts: Path
+    catalog: str  # a folder or an object-store URI (LanceDB opens it)
+    experts: str  # a folder or an object-store URI
     dask_address: str | None  # None: start a LocalCluster
     dask_workers: int
     text_encoder: str
@@ -123,9 +154,9 @@ class Settings:
         s = cls(
             home=home_path,
             lake=Path(env.get(ENV_LAKE) or home_path / "lake").expanduser().absolute(),
-            shards=env.get(ENV_SHARDS) or str(home_path / "shards"),
-            catalog=env.get(ENV_CATALOG) or str(home_path / "catalog"),
-            experts=Path(env.get(ENV_EXPERTS) or home_path / "experts").expanduser().absolute(),
+            shards=store_uri(ENV_SHARDS, env.get(ENV_SHARDS) or str(home_path / "shards")),
+            catalog=store_uri(ENV_CATALOG, env.get(ENV_CATALOG) or str(home_path / "catalog")),
+            experts=store_uri(ENV_EXPERTS, env.get(ENV_EXPERTS) or str(home_path / "experts"), absolute=True),
             dask_address=env.get(ENV_DASK) or None,
             dask_workers=_int(env, ENV_WORKERS, 2, 1),
             text_encoder=env.get(ENV_TEXT_ENCODER) or DEFAULT_TEXT_ENCODER,
@@ -133,9 +164,11 @@ class Settings:
             http=HttpSettings.from_env(env),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
-        for key in ("lake", "experts"):
+        if "lake" in given:
+            given["lake"] = Path(given["lake"]).expanduser().absolute()
+        for key, name in (("shards", ENV_SHARDS), ("catalog", ENV_CATALOG), ("experts", ENV_EXPERTS)):
             if key in given:
-                given[key] = Path(given[key]).expanduser().absolute()
+                given[key] = store_uri(name, str(given[key]), absolute=key == "experts")
         if "dask_workers" in given and int(given["dask_workers"]) < 1:
             raise SettingsError(f"--workers {given['dask_workers']} is below 1; give at least one worker")
         return replace(s, **given)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probex_core.settings import Settings  # noqa: E402
-from probex_core.checkpoint import load_current  # noqa: E402
+from storage.experts import load_current  # noqa: E402
 from probex_core.text_encoder import TextEncoder  # noqa: E402
 from storage.catalog import Catalog  # noqa: E402
 from tasks.train import load_rows, split_datasets, tree_labels  # noqa: E402

@@ -21,6 +21,8 @@ import lancedb
 import pyarrow as pa
 
 from probex_core.errors import ProbexError
+from probex_core.settings import ENV_CATALOG
+from storage.fs import StorageError, exists, is_local, lance_storage_options, local_path, resolve, translate
 
 MODELS = "models"
 TREES = "trees"
@@ -110,13 +112,12 @@ def _now() -> datetime:
 
 
 class Catalog:
-    """A LanceDB database at any URI (a local folder by default)."""
+    """A LanceDB database in a folder (the default) or on an object store (s3://bucket/prefix, ...)."""
 
     def __init__(self, uri: str, *, create: bool = True):
         self.uri = str(uri)
-        local = "://" not in self.uri
-        if local:
-            path = Path(self.uri)
+        if is_local(self.uri):
+            path = Path(local_path(self.uri))
             if not path.exists() and not create:
                 raise CatalogMissingError(
                     f"no catalog at {self.uri}; run `probex ingest` (or `probex demo`) first, "
@@ -130,7 +131,23 @@ class Catalog:
             if create and not os.access(path, os.W_OK):
                 raise CatalogError(f"the catalog folder {self.uri} is read-only; "
                                    "set PROBEX_CATALOG or --home to a writable place")
-        self.db = lancedb.connect(self.uri)
+            self.db = lancedb.connect(str(path))
+            return
+        # An object store: check the bucket, endpoint and credentials through storage/fs.py first
+        # (one line naming the setting, bounded by our timeouts), then let LanceDB open it with the
+        # same endpoint and timeouts; its own store reads the credentials from the environment.
+        try:
+            fs, path = resolve(self.uri, ENV_CATALOG)
+            with translate(self.uri, ENV_CATALOG):
+                found = exists(fs, path)
+        except StorageError as e:
+            raise CatalogError(str(e)) from None
+        if not found and not create:
+            raise CatalogMissingError(
+                f"no catalog at {self.uri}; run `probex ingest` (or `probex demo`) first, "
+                "or point PROBEX_CATALOG at an existing one"
+            )
+        self.db = lancedb.connect(self.uri, storage_options=lance_storage_options(self.uri))
 
     # -- tables -------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -116,7 +116,7 @@ class CatalogQuery:
     def trees(self) -> dict[str, _Tree]:
         """Trees with a current expert, loaded once."""
         if self._trees is None:
-            from probex_core.checkpoint import load_current
+            from storage.experts import load_current
 
             self._trees = {}
             for row in self.catalog.read("trees").to_pylist():

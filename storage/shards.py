@@ -2,10 +2,13 @@
 
     shards/tree=<tree slug>/layer=<layer name>/<repo slug>@<sha12>.parquet
 
-One file per (model, tree, layer), named deterministically, so re-extracting a model overwrites its
-own file and can never duplicate rows; files are written under a temporary name and renamed, so a
+`shards/` is a folder or an object-store URI (s3://bucket/prefix, ...), reached through
+storage/fs.py. One file per (model, tree, layer), named deterministically, so re-extracting a model
+overwrites its own file and can never duplicate rows; each file is published atomically (a
+temporary `.name.xxxx.tmp` first, then the final name), and readers skip temporary names, so a
 killed worker leaves no half shard that looks whole. Plain pyarrow, DuckDB
-(`read_parquet('shards/**/*.parquet', hive_partitioning=true)`) and polars read them.
+(`read_parquet('shards/**/*.parquet', hive_partitioning=true)`) and polars read them, on disk or
+on the object store.
 
 A row holds either a dense matrix `X` (kind "dense", d_H x d_W, row-major) or LoRA factors
 (kind "lora": `A` r x d_W, `B` d_H x r, and `scale`, so X = scale * B @ A), flattened into float32
@@ -15,9 +18,7 @@ lists with their shapes beside them.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from probex_core.names import slug
+from probex_core.settings import ENV_SHARDS
+from storage.fs import is_file, join, listdir, publish, remove_stale_tmp, resolve, translate
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -82,47 +85,60 @@ class LayerRow:
                          else cols[f.name] for f in SHARD_SCHEMA}, schema=SHARD_SCHEMA)
 
 
-def shard_path(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> Path:
-    return Path(root) / f"tree={slug(tree_id)}" / f"layer={layer}" / f"{slug(repo_id)}@{sha[:12]}.parquet"
+def shard_path(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> str:
+    """The shard's path or URI under `root`."""
+    return join(root, *_parts(tree_id, layer, repo_id, sha))
 
 
-def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[Path]:
-    """Write each row to its own shard file, atomically. Returns the final paths."""
+def _parts(tree_id: str, layer: str, repo_id: str, sha: str) -> tuple[str, str, str]:
+    return f"tree={slug(tree_id)}", f"layer={layer}", f"{slug(repo_id)}@{sha[:12]}.parquet"
+
+
+def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[str]:
+    """Write each row to its own shard file, atomically. Returns the final paths (or URIs)."""
+    fs, base = resolve(root, ENV_SHARDS)
     paths = []
-    for row in rows:
-        path = shard_path(root, row.tree_id, row.layer, row.repo_id, row.sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        # Weights barely compress and never repeat: dictionary encoding and statistics on float
-        # lists cost write time for nothing; zstd level 1 keeps what compression there is.
-        pq.write_table(row.to_table(), tmp, compression="zstd", compression_level=1,
-                       use_dictionary=False, write_statistics=False)
-        os.replace(tmp, path)
-        paths.append(path)
+    with translate(root, ENV_SHARDS):
+        for row in rows:
+            tree, layer, name = _parts(row.tree_id, row.layer, row.repo_id, row.sha)
+            folder = join(base, tree, layer)
+            remove_stale_tmp(fs, folder, name)  # left by a killed writer
+            buf = pa.BufferOutputStream()
+            # Weights barely compress and never repeat: dictionary encoding and statistics on float
+            # lists cost write time for nothing; zstd level 1 keeps what compression there is.
+            pq.write_table(row.to_table(), buf, compression="zstd", compression_level=1,
+                           use_dictionary=False, write_statistics=False)
+            # One whole object (a shard is one layer of one model, MiBs): nothing is uploaded
+            # under a name a reader lists until every byte is there.
+            publish(fs, join(folder, name), buf.getvalue().to_pybytes())
+            paths.append(join(root, tree, layer, name))
     return paths
 
 
 def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> bool:
-    return shard_path(root, tree_id, layer, repo_id, sha).exists()
+    fs, base = resolve(root, ENV_SHARDS)
+    with translate(root, ENV_SHARDS):
+        return is_file(fs, join(base, *_parts(tree_id, layer, repo_id, sha)))
 
 
 def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:
-    base = Path(root) / f"tree={slug(tree_id)}"
-    if not base.exists():
-        return []
-    return sorted(p.name.split("=", 1)[1] for p in base.iterdir() if p.name.startswith("layer="))
+    fs, base = resolve(root, ENV_SHARDS)
+    with translate(root, ENV_SHARDS):
+        infos = listdir(fs, join(base, f"tree={slug(tree_id)}"))
+    return sorted(i.base_name.split("=", 1)[1] for i in infos
+                  if i.type.name == "Directory" and i.base_name.startswith("layer="))
 
 
 def read_layer(root: str | os.PathLike, tree_id: str, layer: str,
                repo_ids: set[str] | None = None) -> list[LayerRow]:
     """Every row of one tree's layer (optionally only some models), tensors reshaped."""
-    base = Path(root) / f"tree={slug(tree_id)}" / f"layer={layer}"
-    files = sorted(str(p) for p in base.glob("*.parquet")) if base.exists() else []
-    if not files:
-        return []
-    table = ds.dataset(files, schema=SHARD_SCHEMA, format="parquet").to_table()
+    fs, base = resolve(root, ENV_SHARDS)
+    with translate(root, ENV_SHARDS):
+        infos = listdir(fs, join(base, f"tree={slug(tree_id)}", f"layer={layer}"))
+        files = sorted(i.path for i in infos if i.type.name == "File" and i.base_name.endswith(".parquet"))
+        if not files:
+            return []
+        table = ds.dataset(files, schema=SHARD_SCHEMA, format="parquet", filesystem=fs).to_table()
     meta = table.drop_columns(["X", "A", "B"]).to_pylist()  # small columns only: tensors stay numpy
     tensors = {c: table.column(c).combine_chunks() for c in ("X", "A", "B")}
     rows = []

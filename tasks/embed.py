@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from probex_core.expert_paths import current_version, tree_dir
+from storage.experts import current_version, tree_dir
 from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, MODELS, Catalog
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
         if all((repo, sha, version) in embedded for repo, sha in members):
             report.trees[tree_id] = {"version": version, "models": len(members)}
             continue  # every model already has its row for this expert: nothing to compute
-        from probex_core.checkpoint import load_current
+        from storage.experts import load_current
 
         expert = load_current(experts, tree_id)
         rows = embed_tree_rows(catalog, shards, expert, tree_id, models)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from probex_core.baselines import cross_tree_experiment, train_dense, train_statnn
-from probex_core.checkpoint import load_current
+from storage.experts import load_current
 from probex_core.data import LayerDataset
 from probex_core.errors import ProbexError
 from probex_core.heads import MULTILABEL, HeadKind, get_head

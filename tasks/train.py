@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from probex_core.checkpoint import current_version, load_expert, save_expert, tree_dir
+from storage.experts import current_version, load_expert, save_expert, tree_dir
 from probex_core.data import EmptyDatasetError, ExpertError, LayerDataset, WeightRow
 from probex_core.heads import MULTILABEL, TEXT, HeadKind, get_head
 from probex_core.probex import COMPACT
@@ -233,7 +233,7 @@ def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedE
     folder = tree_dir(experts, tree_id)
     prev = current_version(folder)
     if prev is not None:
-        report.previous_val = load_expert(folder / prev).config.get("metrics", {}).get("val")
+        report.previous_val = load_expert(folder, prev).config.get("metrics", {}).get("val")
     promote = report.previous_val is None or head.selection_key(best.best_val) >= head.selection_key(report.previous_val)
     extra = {"class_text_emb": fitted.text_emb} if fitted.text_emb is not None else None
     path = save_expert(experts, tree_id, best.model, layer=fitted.choice.layer, labels=list(fitted.train.classes),

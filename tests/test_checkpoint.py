@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import probex_core.checkpoint as ck
-from probex_core.checkpoint import (CheckpointError, current_version, list_versions, load_expert,
-                                    save_expert, tree_slug)
+import storage.experts as store
+from probex_core.checkpoint import CheckpointError, tree_slug
+from storage.experts import current_version, list_versions, load_expert, save_expert
 from probex_core.probex import ProbeX, ProbeXConfig
 from probex_core.data import WeightBatch
 
@@ -34,9 +34,10 @@ def test_round_trip_exact(tmp_path, head):
                        text_encoder="sentence-transformers/all-MiniLM-L6-v2", prompt="{}",
                        metrics={"accuracy": 0.9}, extra_tensors={"class_text_emb": t},
                        info={"n_train": 10})
-    assert path.parent.name == "org--tree-1"
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
-    cfg = json.loads((path / "config.json").read_text())
+    assert os.path.basename(path.parent) == "org--tree-1"
+    assert sorted(os.listdir(path.uri)) == ["config.json", "model.safetensors"]
+    with open(os.path.join(path.uri, "config.json")) as f:
+        cfg = json.load(f)
     assert cfg["tree"] == "org/tree-1" and cfg["layer"] == "blocks.3.q"
     assert cfg["normalisation"] == {"input_scale": 0.123, "centered": True}
     assert cfg["labels"] == ["a", "b", "c"] and cfg["metrics"]["accuracy"] == 0.9
@@ -59,8 +60,8 @@ def test_new_version_then_switch(tmp_path):
         save_expert(tmp_path, "t", model(), layer="l", labels=["a", "b", "c"], version="v1")
     p3 = save_expert(tmp_path, "t", model(seed=3), layer="l", labels=["a"], version="v3",
                      make_current=False)
-    assert current_version(tree_dir) == "v2" and p3.is_dir()
-    assert p2.is_dir()
+    assert current_version(tree_dir) == "v2" and os.path.isdir(p3.uri)
+    assert os.path.isdir(p2.uri)
 
 
 def test_failed_save_keeps_current(tmp_path, monkeypatch):
@@ -69,7 +70,7 @@ def test_failed_save_keeps_current(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(store.os, "fsync", boom)  # the disk fails while the new version is written
     with pytest.raises(OSError):
         save_expert(tmp_path, "t", model(seed=5), layer="l", labels=["a", "b", "c"], version="bad")
     tree_dir = good.parent
@@ -80,10 +81,12 @@ def test_failed_save_keeps_current(tmp_path, monkeypatch):
 
 def test_load_rejects_tampering_and_missing(tmp_path):
     p = save_expert(tmp_path, "t", model(), layer="l", labels=["a", "b", "c"])
-    w = p / "model.safetensors"
-    data = bytearray(w.read_bytes())
+    w = os.path.join(p.uri, "model.safetensors")
+    with open(w, "rb") as f:
+        data = bytearray(f.read())
     data[-1] ^= 0xFF
-    w.write_bytes(bytes(data))
+    with open(w, "wb") as f:
+        f.write(bytes(data))
     with pytest.raises(CheckpointError, match="sha256"):
         load_expert(p)
     with pytest.raises(CheckpointError):

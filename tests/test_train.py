@@ -205,7 +205,7 @@ def test_text_probe_names_classes_never_trained_on(tmp_path):
     # chance 1/8: the class text read through the layer's input side names unseen classes
     assert z_fused >= 0.75 and z_fused > z_head, (z_fused, z_head)
     # the fused expert survives a checkpoint: same logits after loading (M is a buffer)
-    from probex_core.checkpoint import load_expert, save_expert
+    from storage.experts import load_expert, save_expert
     path = save_expert(tmp_path, "synthetic/text", fused.model, layer="q", labels=tr.classes,
                        text_encoder="x", prompt="{}", extra_tensors={"class_text_emb": t_train})
     loaded = load_expert(path.parent)
