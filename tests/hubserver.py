@@ -49,6 +49,7 @@ import base64
 import hashlib
 import json
 import math
+import random
 import socket
 import struct
 import threading
@@ -445,9 +446,8 @@ class SimulatedHub:
 
     # -- content -----------------------------------------------------------------------------------
     def labels(self, i: int) -> list[str]:
-        n = 2 + _h(self.seed, "nlab", i) % 3
-        order = sorted(range(len(_LABELS)), key=lambda k: _h(self.seed, f"lab{i}", k))
-        return [_LABELS[k] for k in order[:n]]
+        draw = _h(self.seed, "labels", i)
+        return random.Random(draw).sample(_LABELS, 2 + draw % 3)  # int seeds: the same in every run
 
     def card(self, i: int) -> dict:
         t = self.tree(i)
@@ -490,10 +490,20 @@ class SimulatedHub:
         out["classifier.bias"] = np.zeros(len(rows), np.float32)
         return out
 
+    FILES = (parse.CARD_FILE, parse.CONFIG_FILE, "model.safetensors")
+
+    def file_bytes(self, i: int, path: str) -> bytes | None:
+        """One file of repo i, generated alone (a card GET does not build the weights)."""
+        if path == parse.CARD_FILE:
+            return self.readme(i)
+        if path == parse.CONFIG_FILE:
+            return json.dumps(self.config(i), indent=2).encode()
+        if path == "model.safetensors":
+            return safetensors_bytes(self.tensors(i))
+        return None
+
     def files(self, i: int) -> dict[str, bytes]:
-        return {parse.CARD_FILE: self.readme(i),
-                parse.CONFIG_FILE: json.dumps(self.config(i), indent=2).encode(),
-                "model.safetensors": safetensors_bytes(self.tensors(i))}
+        return {path: self.file_bytes(i, path) for path in self.FILES}
 
     # -- the server's interface --------------------------------------------------------------------
     def view(self, i: int) -> RepoView:
@@ -540,16 +550,23 @@ class _SimRepo(RepoView):
         self.sha = hub.sha(i)
         self.last_modified = iso_ms(hub.last_modified_ms(i))
         self.created_at = iso_ms(hub.created_at_ms(i))
+        self._contents: dict[str, bytes | None] = {}  # this request's files, generated once
 
-    @cached_property
-    def contents(self) -> dict[str, bytes]:
-        return self.hub.files(self.i)
+    def _content(self, path: str) -> bytes | None:
+        if path not in self._contents:
+            self._contents[path] = self.hub.file_bytes(self.i, path)
+        return self._contents[path]
+
+    def file(self, path: str) -> FileView | None:
+        data = self._content(path) if path in self.hub.FILES else None
+        if data is None:
+            return None
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id of the bytes
+        return FileView(path, len(data), blob, self.hub.last_modified_ms(self.i) / 1000)
 
     @cached_property
     def files(self) -> list[FileView]:  # type: ignore[override]
-        mtime = self.hub.last_modified_ms(self.i) / 1000
-        return [FileView(path, len(data), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), mtime)
-                for path, data in self.contents.items()]
+        return [self.file(path) for path in self.hub.FILES]
 
     def card(self) -> dict | None:
         return self.hub.card(self.i)
@@ -558,7 +575,7 @@ class _SimRepo(RepoView):
         return self.hub.config(self.i)
 
     def read(self, path: str, start: int, length: int) -> bytes:
-        return self.contents[path][start : start + length]
+        return self._content(path)[start : start + length]
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -631,8 +648,11 @@ class HubServer:
                                                    no_lineage=no_lineage)
             self.source = None
         self.page_size = page_size if page_size is not None else (100 if lake is not None else 1000)
-        self.limiter = RateLimiter(rate_limit, window_s, rate_scope, clock) if rate_limit else None
         self.buckets = dict(HUB_BUCKETS if buckets is None else buckets)
+        if unused := sorted(set(rate_limit or {}) - set(self.buckets.values())):
+            raise ValueError(f"rate limit for {unused}, a bucket no route draws from (routes -> buckets: "
+                             f"{self.buckets}); limit one of those, or map a route to it with buckets=")
+        self.limiter = RateLimiter(rate_limit, window_s, rate_scope, clock) if rate_limit else None
         self.faults = Faults()
         self.traffic = Traffic()
         self.record_traffic = lake is not None if traffic is None else traffic
@@ -839,7 +859,7 @@ class _Handler(BaseHTTPRequestHandler):
         client = self.headers.get("Authorization") or f"ip:{self.client_address[0]}"
         allowed, headers = self.hub.take_budget(route, client)
         if not allowed:
-            self._error(429, None, "rate limit reached for this 5-minute window; retry after the reset", route,
+            self._error(429, None, "rate limit reached for this window; retry after the reset", route,
                         headers)
             return True
         self._extra = headers
@@ -1021,6 +1041,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual / b
     p.add_argument("--page-size", type=int, help="default: 1000 simulated, 100 for a lake")
     p.add_argument("--rate-limit", help="BUCKET=N,... (buckets api, resolvers) or anonymous / free / pro")
     p.add_argument("--window", type=float, default=HUB_WINDOW_S, help="rate-limit window in seconds")
+    p.add_argument("--buckets", help="ROUTE=BUCKET,... (routes list, info, resolve); default the Hub's: "
+                   "list=api,info=api,resolve=resolvers")
     p.add_argument("--scope", choices=["global", "client"], default="global")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
@@ -1029,9 +1051,15 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual / b
         p.error("give a LAKE folder or --repos N")
     try:
         limits = parse_limits(a.rate_limit) if a.rate_limit else None
+        buckets = None
+        if a.buckets:
+            pairs = [part.strip().partition("=") for part in a.buckets.split(",") if part.strip()]
+            if any(not sep or k.strip() not in ROUTES for k, sep, _ in pairs):
+                raise ValueError(f"--buckets {a.buckets!r}: write ROUTE=BUCKET,... with routes list, info, resolve")
+            buckets = {k.strip(): v.strip() for k, _, v in pairs}
         hub = HubServer(a.lake, repos=a.repos, new=a.new, seed=a.seed, tree_size=a.tree_size,
                         no_lineage=a.no_lineage, page_size=a.page_size, rate_limit=limits, window_s=a.window,
-                        rate_scope=a.scope, host=a.host, port=a.legacy_port or a.port)
+                        rate_scope=a.scope, buckets=buckets, host=a.host, port=a.legacy_port or a.port)
     except (ValueError, OSError) as err:
         print(f"hubserver: {err}", file=sys.stderr)
         return 2

@@ -363,6 +363,8 @@ def test_simulated_repos_form_trees_of_the_configured_size():
     for repo_id in recs:
         trees[root(repo_id)] = trees.get(root(repo_id), 0) + 1
     assert sorted(trees.values()) == [6] * 10
+    undeclared = hubserver.SimulatedHub(60, tree_size=6, seed=3, no_lineage=1.0)
+    assert all(undeclared.parent(i) is None and "base_model" not in undeclared.card(i) for i in range(60))
     for r in recs.values():  # a parent is older than its child: lineage points back in time
         if r.base_model:
             assert recs[r.base_model[0]].last_modified < r.last_modified
@@ -525,6 +527,13 @@ def test_lake_and_simulated_arguments_are_checked(lake):
         HubServer(lake, repos=10)
     with pytest.raises(ValueError, match="rate_scope"):
         HubServer(repos=10, rate_limit={"api": 1}, rate_scope="per-ip")
+    with pytest.raises(ValueError, match=r"\['pages'\], a bucket no route draws from"):
+        HubServer(repos=10, rate_limit={"pages": 100})  # the Hub's "pages" are its web pages
+    clock = FakeClock()
+    with HubServer(repos=10, rate_limit={"pages": 1}, clock=clock,
+                   buckets={"list": "pages", "info": "api", "resolve": "resolvers"}) as hub:
+        assert [raw_get(f"{hub.url}/api/models").status_code for _ in range(2)] == [200, 429]
+        assert raw_get(f"{hub.url}/api/models/{hub.sim.repo_id(1)}").status_code == 200
     assert hubserver.parse_limits("free") == hubserver.FREE_TOKEN
     assert hubserver.parse_limits("api=7, resolvers=9") == {"api": 7, "resolvers": 9}
     with pytest.raises(ValueError, match="BUCKET=N"):
