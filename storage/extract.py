@@ -234,6 +234,18 @@ def header_shapes(loc: RepoOpener, files: tuple[str, ...]) -> tuple[dict[str, tu
     return shapes, layout.bytes_read
 
 
+def model_layer_shapes(loc: RepoOpener, files: tuple[str, ...],
+                       root_modules: Iterable[str] | None = None) -> tuple[dict[str, tuple[int, int]], bool]:
+    """The layers one model offers, as (d_H, d_W), and whether it is an adapter (then its layers
+    are LoRA modules; kohya's named after `root_modules`). A single safetensors file of no telling
+    name is told apart by its header."""
+    shapes, _ = header_shapes(loc, files)
+    kind = weight_files(files).kind
+    if kind in ("peft", "lora") or (kind == "single" and looks_like_adapter(shapes)):
+        return adapter_layer_shapes(shapes, root_modules), True
+    return {n: m for n, s in shapes.items() if (m := matrix_shape(s)) is not None}, False
+
+
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
     if len(shape) < 2:
         return None

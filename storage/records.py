@@ -98,7 +98,7 @@ def no_safetensors_reason(files: Iterable[str]) -> str | None:
     if not pickles and not others:
         return None
     kinds = ([f"{', '.join(pickles[:3])}{' ...' if len(pickles) > 3 else ''} (pickle)"] if pickles else []) + others
-    return f"only {' and '.join(kinds)}, no safetensors: never opened"
+    return f"only {' and '.join(kinds)}: no safetensors to read, never opened"
 
 
 # --- facts about a `models` catalog row that several steps need ---------------------------------

@@ -10,14 +10,13 @@ from dataclasses import asdict, dataclass, field
 from storage.extract import (
     ExtractJob,
     ExtractResult,
-    adapter_layer_shapes,
     candidate_layers,
     changed_layers,
     extract_model,
     header_shapes,
-    matrix_shape,
+    model_layer_shapes,
 )
-from storage.records import is_adapter, repo_files
+from storage.records import repo_files
 from storage.shards import has_shard
 from storage.safetensors_reader import TensorReadError
 from storage.sources import Source
@@ -147,26 +146,26 @@ def retry_quarantined(row: dict) -> bool:
 def plan_candidate_layers(source: Source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
     """The layers a tree offers: shared by a sample of its children (same name and matrix shape),
     heads excluded; for full fine-tunes only those fine-tuning changed relative to the root."""
-    members = [r for r in tree_members(models, tree_id) if r["status"] == "ok"]
+    # any readable status: an adapter or pipeline without config.json is as readable as any
+    members = [r for r in tree_members(models, tree_id) if r["status"] != "quarantined"]
     members.sort(key=lambda r: r["repo_id"])
-    samples, sample_rows = [], []
+    root = next((r for r in models if r["repo_id"] == tree_id), None)
+    root_modules = _root_modules(source, root)
+    samples, sample_rows, adapters = [], [], []
     for row in members:
         if len(samples) == SAMPLE_CHILDREN:
             break
         try:
-            shapes, _ = header_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row))
+            shapes, adapter = model_layer_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row), root_modules)
         except (TensorReadError, OSError):
             continue
-        if is_adapter(row):
-            samples.append(adapter_layer_shapes(shapes))
-        else:
-            samples.append({n: m for n, s in shapes.items() if (m := matrix_shape(s)) is not None})
+        samples.append(shapes)
         sample_rows.append(row)
+        adapters.append(adapter)
     if not samples:
         return {}
     changed = None
-    root = next((r for r in models if r["repo_id"] == tree_id), None)
-    if root is not None and not is_adapter(sample_rows[0]) and root["files"]:
+    if root is not None and not adapters[0] and root["files"]:
         names = sorted(candidate_layers(samples, limit=10_000))
         try:
             changed = changed_layers(source.opener(tree_id, root["sha"]),
@@ -175,6 +174,18 @@ def plan_candidate_layers(source: Source, models: list[dict], tree_id: str) -> d
         except (TensorReadError, OSError, KeyError):
             changed = None
     return candidate_layers(samples, changed)
+
+
+def _root_modules(source: Source, root: dict | None) -> list[str] | None:
+    """The root's module paths (tensor names without `.weight`), which kohya LoRA keys are matched
+    against; None when the root is not readable here."""
+    if root is None or not root.get("files"):
+        return None
+    try:
+        shapes, _ = header_shapes(source.opener(root["repo_id"], root["sha"]), repo_files(root))
+    except (TensorReadError, OSError):
+        return None
+    return [n.removesuffix(".weight") for n in shapes if n.endswith(".weight")]
 
 
 def jobs_for_tree(source: Source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],

@@ -257,3 +257,66 @@ def test_a_lycoris_file_is_quarantined_with_its_kind_and_a_full_single_file_is_r
     np_save_file({"model.diffusion_model.out.weight": np.ones((3, 2), np.float32)}, str(f / "v1-5-pruned.safetensors"))
     res, rows = extract(tmp_path, LocalOpener("org/single", SHA, str(f)), layers=("model.diffusion_model.out.weight",))
     assert res.status == "ok" and rows["model.diffusion_model.out.weight"].kind == "dense"
+
+
+# --- repos as the Hub writes them: no config.json, no safetensors -------------------------------
+
+
+class Trap:
+    """Unpickling this writes a marker file: the proof a pickle was never loaded."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "unpickled"))
+
+
+def test_lora_trees_without_config_and_repos_without_safetensors(tmp_path):
+    import pickle
+
+    from minilake import T0, card, write_repo
+    from peft import LoraConfig
+    from test_adapters import UNET_MODULES, diffusers_lora, kohya_file, unet
+
+    from storage.catalog import MODELS, Catalog
+    from storage.sources import LocalSource
+    from tasks.crawl import crawl_source
+    from tasks.extract import jobs_for_tree, plan_candidate_layers
+
+    lake, marker = tmp_path / "lake", tmp_path / "unpickled"
+    child = "base_model: sd/root\nbase_model_relation: {}\nlabels: [{}]"
+    root = write_repo(lake, "sd/root", {"README.md": card("license: openrail"),
+                                        "model_index.json": {"_class_name": "StableDiffusionPipeline"}}, t=T0)
+    (root / "unet").mkdir()
+    save_file({k: v.contiguous() for k, v in unet().state_dict().items()}, str(root / "unet" / "diffusion_pytorch_model.safetensors"))
+    lora = write_repo(lake, "sd/diffusers-lora", {"README.md": card(child.format("adapter", "dog"))}, t=T0 + 60)
+    diffusers_lora(lora, LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_out.0", "conv1"]), metadata=True)
+    kohya = write_repo(lake, "sd/kohya-lora", {"README.md": card(child.format("adapter", "cat"))}, t=T0 + 120)
+    kohya_file(kohya / "cat_style_v1.safetensors", dict.fromkeys(UNET_MODULES, 2.0))
+    write_repo(lake, "sd/pickle-ft", {"README.md": card(child.format("finetune", "bird")),
+                                      "pytorch_model.bin": pickle.dumps(Trap(str(marker)))}, t=T0 + 180)
+    write_repo(lake, "sd/gguf", {"README.md": card(child.format("quantized", "fish")), "model-Q4_K_M.gguf": b"GGUF\3"},
+               t=T0 + 240)
+
+    catalog = Catalog(str(tmp_path / "catalog"))
+    source = LocalSource(lake)
+    crawl_source(source, catalog)
+    rows = {r["repo_id"]: r for r in catalog.read(MODELS).to_pylist()}
+    for repo_id, label in (("sd/diffusers-lora", "dog"), ("sd/kohya-lora", "cat")):
+        assert (rows[repo_id]["status"], rows[repo_id]["tree_id"], rows[repo_id]["labels"]) == ("ok", "sd/root", [label])
+    assert rows["sd/root"]["status"] == "ok"  # a pipeline needs no config.json
+    pickle_row, gguf_row = rows["sd/pickle-ft"], rows["sd/gguf"]
+    assert (pickle_row["status"], pickle_row["tree_id"], pickle_row["parents"]) == ("no_safetensors", "sd/root", ["sd/root"])
+    assert pickle_row["reason"] == "only pytorch_model.bin (pickle): no safetensors to read, never opened"
+    assert gguf_row["status"] == "no_safetensors" and gguf_row["reason"].startswith("only GGUF")
+
+    models = list(rows.values())
+    layers = plan_candidate_layers(source, models, "sd/root")
+    assert set(UNET_MODULES) <= set(layers)
+    jobs = jobs_for_tree(source, models, "sd/root", {m: layers[m] for m in UNET_MODULES}, str(tmp_path / "shards"))
+    assert sorted(j.opener.repo_id for j in jobs) == ["sd/diffusers-lora", "sd/kohya-lora"]  # no pickle, no GGUF
+    for job in jobs:
+        res = extract_model(job)
+        assert res.status == "ok" and sorted(res.layers) == sorted(UNET_MODULES), res.reason
+    assert not marker.exists()

@@ -18,7 +18,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.utils import validate_repo_id
 
-from storage.records import ModelRecord, RepoFile
+from storage.records import MODEL_INDEX, ModelRecord, RepoFile, no_safetensors_reason, weight_files
 
 CARD_FILE = "README.md"
 CONFIG_FILE = "config.json"
@@ -40,6 +40,8 @@ class Status:
     BAD_CONFIG = "bad_config"  # config.json present but unreadable
     NOT_FOUND = "not_found"  # listed, then gone (deleted/private) when its details were fetched
     GATED = "gated"  # listed, but its files need an accepted licence / a token with access
+    # weights only as pickles (never unpickled) or GGUF/ONNX: recorded with lineage, never extracted
+    NO_SAFETENSORS = "no_safetensors"
 
 
 @dataclass
@@ -164,6 +166,7 @@ class CardFields:
     tags: list[str] = field(default_factory=list)
     pipeline_tag: str | None = None
     library_name: str | None = None
+    labels: dict[str, str] | None = None  # the card's own class names, for repos without config.json
 
 
 def _scalar(value: object) -> str | None:
@@ -181,6 +184,21 @@ def str_list(value: object) -> list[str]:
     return [str(value)]
 
 
+def card_labels(data: ModelCardData) -> dict[str, str] | None:
+    """Class names a card declares in its front matter, as `id2label`: `labels: [cat, dog]` (in
+    head order) or `id2label: {0: cat, 1: dog}`. Adapter repos and diffusers pipelines usually ship
+    no config.json, so their card is where their classes can be read; config.json wins when both."""
+    labels = data.get("id2label")
+    if isinstance(labels, dict) and labels:
+        return {str(k): str(v) for k, v in labels.items() if not isinstance(v, (dict, list))} or None
+    labels = data.get("labels")
+    if isinstance(labels, str):
+        labels = [labels]
+    if isinstance(labels, list) and labels:
+        return {str(i): str(v) for i, v in enumerate(labels) if not isinstance(v, (dict, list))} or None
+    return None
+
+
 def card_fields(data: ModelCardData, problems: Problems) -> CardFields:
     """The card fields a record keeps. A `base_model` that is not a repo id or a list of repo ids
     is a `bad_card` problem (lineage is what places a model; a guess would misplace it)."""
@@ -191,6 +209,7 @@ def card_fields(data: ModelCardData, problems: Problems) -> CardFields:
         tags=str_list(data.get("tags")),
         pipeline_tag=_scalar(data.get("pipeline_tag")),
         library_name=_scalar(data.get("library_name")),
+        labels=card_labels(data),
     )
     declared = data.get("base_model")
     if declared is None:
@@ -234,6 +253,15 @@ def config_labels(raw: bytes, problems: Problems) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in labels.items()}
 
 
+def config_expected(files: list[str]) -> bool:
+    """Whether a repo of these files should have a config.json: adapter repos (PEFT, diffusers,
+    kohya) and diffusers pipelines (model_index.json) ship none on the Hub, and that is normal."""
+    if MODEL_INDEX in files:
+        return False
+    layout = weight_files(files)
+    return not (layout.is_adapter or layout.kind == "single")
+
+
 def no_config(problems: Problems) -> None:
     problems.add(Status.NO_CONFIG, f"no {CONFIG_FILE} in the repo: labels unknown (lineage still used)")
 
@@ -265,6 +293,13 @@ def assemble(
     id2label: dict[str, str] | None,
     problems: Problems,
 ) -> ModelRecord:
+    paths = [f.path for f in files]
+    # normal for adapters and pipelines, and no loss when the card names the labels
+    if card.labels or not config_expected(paths):
+        problems.items = [p for p in problems.items if p[0] != Status.NO_CONFIG]
+    if reason := no_safetensors_reason(paths):
+        # first: it decides the status (a missing config.json matters less than having no weights)
+        problems.items.insert(0, (Status.NO_SAFETENSORS, reason))
     return ModelRecord(
         repo_id=repo_id,
         sha=sha,
@@ -277,7 +312,7 @@ def assemble(
         tags=card.tags,
         pipeline_tag=card.pipeline_tag,
         library_name=card.library_name,
-        id2label=id2label,
+        id2label=id2label or card.labels,
         files=sorted(files, key=lambda f: f.path),
         status=problems.status,
         reason=problems.reason,
