@@ -42,11 +42,12 @@ def extract_layers(jobs: list[ExtractJob]) -> list[ExtractResult]:
     return out
 
 
-def run_extract(home: str | None, mode: str) -> ExtractSummary:
-    """Plan, extract what is not on disk yet (on Dask), record quarantines: a step of two flows."""
+def run_extract(home: str | None, mode: str, since: datetime | None = None) -> ExtractSummary:
+    """Plan, extract what is not on disk yet (on Dask), record quarantines: a step of two flows.
+    `since`: only models modified from then on (and worker failures to retry)."""
     s = settings(home)
     t0 = time.perf_counter()
-    results, pending = split_done(plan_task(home, mode))  # already on disk: "skipped"
+    results, pending = split_done(plan_task(home, mode, since))  # already on disk: "skipped"
     if pending:
         with quiet_cluster_config():  # prefect-dask starts its LocalCluster inside
             results += extract_layers.with_options(task_runner=dask_runner(s))(pending)
@@ -63,9 +64,12 @@ def ingest(source: str | None = None, since: datetime | None = None, until: date
     source = source or str(settings(home).lake)
     crawl = crawl_task(home, source, since, until, limit)
     log.info("crawl: %s seen, %s new, %s changed", crawl.seen, crawl.new, crawl.changed)
-    extract = run_extract(home, "auto")
+    # What this window listed: the watermark the crawl started from (it moves only at the end),
+    # so a run that died after its crawl is finished by the next one. No window: everything.
+    start = since or (datetime.fromisoformat(crawl.watermark) if crawl.watermark else None)
+    extract = run_extract(home, "auto", start)
     log.info("extract: %s extracted, %s quarantined", extract.extracted, len(extract.quarantined))
-    embed = embed_task(home)
+    embed = embed_task(home, since=start)
     if crawl.next_watermark:
         set_watermark_task(home, source, datetime.fromisoformat(crawl.next_watermark))
     publish("ingest-summary", f"ingest {source}", {

@@ -16,7 +16,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from probex_core.lineage import place
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
@@ -331,6 +331,17 @@ def move_watermark(catalog: Catalog, source: Source, records: list[ModelRecord],
                 catalog.set_watermark(source.name, newest)
     wm = catalog.watermark(source.name)
     summary.watermark = wm.isoformat() if wm else None
+
+
+def changed_since(catalog: Catalog, since: datetime) -> tuple[str, list[str]]:
+    """(filter, trees) for the models a crawl from `since` listed, and the models an earlier run's
+    crashed worker left to read again: what a nightly extracts and embeds."""
+    since = since.replace(tzinfo=timezone.utc) if since.tzinfo is None else since
+    stamp = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    where = (f"status != 'superseded' AND (last_modified >= TIMESTAMP '{stamp}' OR "
+             "(status = 'quarantined' AND reason LIKE 'worker_failed%'))")
+    found = catalog.read(MODELS, where=f"{where} AND tree_id IS NOT NULL", columns=["tree_id"])
+    return where, sorted(set(found.column("tree_id").to_pylist())) if found.num_rows else []
 
 
 TREE_COUNT_COLUMNS = ["repo_id", "tree_id", "relation", "files"]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.experts import current_version, tree_dir
-from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, MODELS, Catalog
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, MODELS, Catalog, sql_in
 
 if TYPE_CHECKING:
     import torch
@@ -119,26 +119,39 @@ def embed_tree_rows(catalog: Catalog, shards: str, expert: LoadedExpert, tree_id
     return out
 
 
-def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | None = None) -> EmbedReport:
+def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | None = None,
+                since: datetime | None = None) -> EmbedReport:
+    """Apply each tree's current expert to its models that have no row from it yet. `since`: only
+    the trees and models a crawl from then on listed (a nightly's). Each tree's rows and its
+    embedded keys are read on their own, projected: never a whole table."""
+    from tasks.crawl import changed_since
+
     report = EmbedReport()
-    tree_ids = trees or [t["tree_id"] for t in catalog.read("trees").to_pylist()]
+    where, touched = changed_since(catalog, since) if since is not None else (None, None)
+    tree_ids = trees or [t["tree_id"] for t in catalog.read("trees", columns=["tree_id"]).to_pylist()]
     all_rows, versions = [], []
-    embedded = embedded_keys(catalog)
-    models = catalog.read(MODELS).to_pylist()
     for tree_id in sorted(tree_ids):
+        if touched is not None and tree_id not in touched:
+            continue
         version = current_version(tree_dir(experts, tree_id))
         if version is None:
             report.skipped[tree_id] = "no expert yet; run `probex train`"
             continue
         versions.append(f"{tree_id}={version}")
-        members = [(r["repo_id"], r["sha"]) for r in catalog.tree_children(tree_id, models)]
-        if all((repo, sha, version) in embedded for repo, sha in members):
-            report.trees[tree_id] = {"version": version, "models": len(members)}
+        models = catalog.tree_children(tree_id, columns=MEMBER_COLUMNS)
+        if where is not None:
+            wanted = {(r["repo_id"], r["sha"]) for r in catalog.read(MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND {where}",
+                                                                     columns=["repo_id", "sha"]).to_pylist()}
+            models = [r for r in models if (r["repo_id"], r["sha"]) in wanted]
+        embedded = embedded_keys(catalog, tree_id, version)
+        if all((r["repo_id"], r["sha"]) in embedded for r in models):
+            report.trees[tree_id] = {"version": version, "models": len(models)}
             continue  # every model already has its row for this expert: nothing to compute
         from storage.experts import load_current
 
         expert = load_current(experts, tree_id)
-        rows = embed_tree_rows(catalog, shards, expert, tree_id, models)
+        rows = embed_tree_rows(catalog, shards, expert, tree_id,
+                               [{**r, "tree_id": tree_id, "status": "ok"} for r in models])
         report.trees[tree_id] = {"version": expert.version, "models": len(rows)}
         all_rows.extend(rows)
     if not all_rows:
@@ -154,12 +167,16 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     return report
 
 
-def embedded_keys(catalog: Catalog) -> set[tuple[str, str, str]]:
-    """(repo_id, sha, expert_version) of every row already in `embeddings`."""
+MEMBER_COLUMNS = ["repo_id", "sha"]  # what embedding reads of a tree's catalog rows
+
+
+def embedded_keys(catalog: Catalog, tree_id: str, version: str) -> set[tuple[str, str]]:
+    """(repo_id, sha) of the tree's rows already embedded by `version` (filtered, projected)."""
     if not catalog.has(EMBEDDINGS):
         return set()
-    t = catalog.read(EMBEDDINGS, columns=list(EMBEDDING_KEY))
-    return set(zip(*(t.column(c).to_pylist() for c in EMBEDDING_KEY)))
+    where = f"{sql_in('tree_id', [tree_id])[0]} AND {sql_in('expert_version', [version])[0]}"
+    t = catalog.read(EMBEDDINGS, where=where, columns=["repo_id", "sha"])
+    return set(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist())) if t.num_rows else set()
 
 
 FILTER_COLUMNS = ("tree_id", "expert_version")  # every search filters on both: few distinct values

@@ -13,10 +13,10 @@ from prefect import task
 
 from probex_core.settings import Settings, configure
 from probex_core.errors import ProbexError
-from storage.catalog import MODELS, Catalog
+from storage.catalog import MODELS, Catalog, sql_in
 from storage.extract import ExtractJob, ExtractResult
 from storage.sources import SourceError, open_source
-from tasks.crawl import CrawlSummary, crawl_source
+from tasks.crawl import CrawlSummary, changed_since, crawl_source
 from tasks.dask_cluster import check_scheduler
 from tasks.embed import embed_trees
 from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
@@ -48,7 +48,7 @@ def crawl_step(settings: Settings, source: str, since: datetime | None = None,
 
 
 def tree_ids(catalog: Catalog, trees: list[str] | None = None) -> list[str]:
-    known = sorted(t["tree_id"] for t in catalog.read("trees").to_pylist())
+    known = sorted(t["tree_id"] for t in catalog.read("trees", columns=["tree_id"]).to_pylist())
     if trees:
         missing = [t for t in trees if t not in known]
         if missing:
@@ -58,10 +58,10 @@ def tree_ids(catalog: Catalog, trees: list[str] | None = None) -> list[str]:
 
 
 def extract_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
-                 mode: str = "auto", on_result=None) -> dict:
+                 mode: str = "auto", on_result=None, since: datetime | None = None) -> dict:
     if settings.dask_address:
         check_scheduler(settings.dask_address)
-    jobs, plans = plan_extraction(settings, trees, layers, mode)
+    jobs, plans = plan_extraction(settings, trees, layers, mode, since)
     summary = run_extraction(jobs, dask_address=settings.dask_address, n_workers=settings.dask_workers,
                              on_result=on_result)
     record_quarantine(catalog_for(settings), summary.results)
@@ -71,19 +71,24 @@ def extract_step(settings: Settings, trees: list[str] | None = None, layers: lis
 
 
 def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
-                    mode: str = "auto") -> tuple[list[ExtractJob], dict[str, list[str]]]:
+                    mode: str = "auto", since: datetime | None = None
+                    ) -> tuple[list[ExtractJob], dict[str, list[str]]]:
     """One job per model of each tree, for: `layers` when given; else the tree expert's layer when
-    it has one (mode "auto"), else every candidate layer (mode "candidates", or no expert yet)."""
+    it has one (mode "auto"), else every candidate layer (mode "candidates", or no expert yet).
+    `since`: only models modified from then on (a nightly's), and worker failures to retry.
+    Each tree's rows are read on their own (filtered in LanceDB), never the whole table."""
     catalog = catalog_for(settings)
-    models = [r for r in catalog.read(MODELS).to_pylist() if r["status"] != "superseded"]
-    tree_rows = {t["tree_id"]: t for t in catalog.read("trees").to_pylist()}
+    where, touched = changed_since(catalog, since) if since is not None else ("status != 'superseded'", None)
     jobs, plans = [], {}
     for tree_id in tree_ids(catalog, trees):
+        if touched is not None and tree_id not in touched:
+            continue
+        models = catalog.read(MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND {where}").to_pylist()
         members = tree_members(models, tree_id)
         if not members:
             continue
         source = open_source(members[0]["source"])
-        row = tree_rows.get(tree_id) or {"tree_id": tree_id, "root": tree_id}
+        row = catalog.tree(tree_id) or {"tree_id": tree_id, "root": tree_id}
         shapes = candidate_shapes(catalog, source, models, row)
         if layers:
             wanted = list(layers)
@@ -104,6 +109,9 @@ def candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) ->
     """A tree's candidate layers and shapes: planned once from a sample, then kept in `trees`."""
     if row.get("layer_shapes"):
         return {k: tuple(v) for k, v in json.loads(row["layer_shapes"]).items()}
+    if not any(r["repo_id"] == row["tree_id"] for r in models):  # the root: what fine-tuning changed
+        models = models + catalog.read(MODELS, where=f"{sql_in('repo_id', [row['tree_id']])[0]} AND "
+                                                     "status != 'superseded'").to_pylist()
     shapes = plan_candidate_layers(source, models, row["tree_id"])
     if shapes:
         catalog.upsert_trees([{**row, "candidate_layers": sorted(shapes),
@@ -113,7 +121,9 @@ def candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) ->
 
 def record_quarantine(catalog: Catalog, results) -> None:
     """Quarantined models get status + reason; a model that now extracts cleanly is ok again."""
-    current = {(r["repo_id"], r["sha"]): r for r in catalog.read(MODELS).to_pylist()}
+    current = {}
+    for clause in sql_in("repo_id", sorted({res.repo_id for res in results})):
+        current.update({(r["repo_id"], r["sha"]): r for r in catalog.read(MODELS, where=clause).to_pylist()})
     updates = []
     for res in results:
         row = current.get((res.repo_id, res.sha))
@@ -139,8 +149,8 @@ def train_step(settings: Settings, trees: list[str] | None = None, layers: list[
     return {"trees": out}
 
 
-def embed_step(settings: Settings, trees: list[str] | None = None) -> dict:
-    return embed_trees(catalog_for(settings), settings.shards, str(settings.experts), trees).to_dict()
+def embed_step(settings: Settings, trees: list[str] | None = None, since: datetime | None = None) -> dict:
+    return embed_trees(catalog_for(settings), settings.shards, str(settings.experts), trees, since).to_dict()
 
 
 def eval_step(settings: Settings, trees: list[str] | None = None, lake: str | None = None,
@@ -181,8 +191,8 @@ def crawl_task(home: str | None, source: str, since: datetime | None, until: dat
 
 
 @task(name="plan-extraction")
-def plan_task(home: str | None, mode: str) -> list[ExtractJob]:
-    return plan_extraction(configure(home), mode=mode)[0]
+def plan_task(home: str | None, mode: str, since: datetime | None = None) -> list[ExtractJob]:
+    return plan_extraction(configure(home), mode=mode, since=since)[0]
 
 
 @task(name="extract-tree", retries=1, retry_delay_seconds=10)
@@ -217,10 +227,11 @@ def train_tree_task(home: str | None, tree_id: str):
 
 
 @task(name="embed", retries=1, retry_delay_seconds=10)
-def embed_task(home: str | None, trees: list[str] | None = None):
-    """Apply the current experts to their trees' models; returns the `EmbedReport`."""
+def embed_task(home: str | None, trees: list[str] | None = None, since: datetime | None = None):
+    """Apply the current experts to their trees' models (`since`: only models modified from then
+    on); returns the `EmbedReport`."""
     s = configure(home)
-    return embed_trees(catalog_for(s), s.shards, str(s.experts), trees)
+    return embed_trees(catalog_for(s), s.shards, str(s.experts), trees, since)
 
 
 @task(name="set-watermark")

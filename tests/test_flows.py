@@ -58,6 +58,33 @@ def test_ingest_twice_does_no_new_work(home, api):
     _keys(cat, MODELS)
 
 
+def test_a_nightly_extracts_only_what_its_window_listed(home, api):
+    """After the first ingest, new uploads cost what they are: the second plans extraction for the
+    models its crawl window listed (the new ones, and any at the old watermark's instant)."""
+    from flows.ingest import ingest
+
+    first = ingest(home=str(home))
+    lake = home / "lake"
+    cat = Catalog(str(home / "catalog"))
+    wm = cat.watermark(f"local:{lake.resolve()}")
+    child = next(r for r in cat.read(MODELS).to_pylist()
+                 if r["status"] == "ok" and r["tree_id"] and r["repo_id"] != r["tree_id"] and r["files"])
+    for i in range(3):
+        dst = lake / "nightly" / f"upload-{i}"
+        shutil.copytree(lake / child["repo_id"], dst)
+        later = wm.timestamp() + 3600 + i
+        for f in dst.rglob("*"):
+            os.utime(f, (later, later))
+    at_watermark = sum(r["last_modified"] == wm and r["tree_id"] is not None and r["repo_id"] != r["tree_id"]
+                       for r in cat.read(MODELS).to_pylist())
+    second = ingest(home=str(home))
+    assert second["crawl"]["new"] == 3
+    assert second["extract"]["extracted"] == 3
+    assert second["extract"]["models"] <= 3 + at_watermark < first["extract"]["models"]
+    rows = {r["repo_id"]: r for r in _keys(cat, MODELS)}
+    assert all(rows[f"nightly/upload-{i}"]["tree_id"] == child["tree_id"] for i in range(3))
+
+
 def test_failed_ingest_leaves_the_watermark(home, api, monkeypatch):
     import flows.ingest as ingest_mod
 
