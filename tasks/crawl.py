@@ -8,26 +8,46 @@ only after the rows are committed, and never past models a `--limit` left unread
 Cost follows the listing, not the catalog: only the rows a crawl can change or needs to decide
 are read (the listed repos, their ancestors, and the descendants of repos whose lineage moved),
 through filtered, projected LanceDB queries; trees are recounted only where a row came or went.
+
+Lineage as the Hub writes it: `base_model` is one id or a list (a merge); a PEFT adapter whose
+card declares none takes `adapter_config.json`'s `base_model_name_or_path` (as the Hub does;
+`lineage_source` "adapter_config"); an undeclared relation is inferred as the Hub infers it (flag
+`relation_inferred`); ids compare case-insensitively. A parent outside the catalog is looked up
+once on the source (`Source.model_info`) and stored as a row: the repo's own record (so a chain
+crosses a middle the listing never showed), or a `not_found` row that stops later crawls from
+asking again. A lookup that fails (timeout, endpoint down) is left for the next crawl.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from probex_core.lineage import place
+from probex_core.lineage import RELATION_INFERRED, infer_relation, place, repo_key
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
 from storage.catalog import MODELS, TREES, Catalog, sql_in
 from storage.extract import adapter_layer_shapes, header_shapes
-from storage.records import ModelRecord, is_adapter, repo_files
+from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
-from storage.sources import Source
+from storage.sources import Source, SourceError
+from storage.sources.parse import ADAPTER_CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES, Status, adapter_config_base
+
+log = logging.getLogger(__name__)
 
 # Statuses the crawl owns; others (quarantined by extraction, superseded) are kept on re-placement.
 CRAWL_STATUSES = {"ok", "unassigned"}
+CARD, ADAPTER_CONFIG, WEIGHTS = "card", "adapter_config", "weights"  # values of `lineage_source`
+DECLARED = (CARD, ADAPTER_CONFIG)  # lineage the repo itself states
+# Flags a row keeps through re-placement (the others are recomputed by lineage each time).
+ROW_FLAGS = {RELATION_INFERRED}
+# Parent lookups per crawl are bounded in number and time: each is one or two requests (with the
+# HTTP layer's timeouts); what is left over is looked up by the next crawl that reads the child.
+MAX_PARENT_LOOKUPS = 200
+PARENT_LOOKUP_SECONDS = 120.0
 
 
 @dataclass
@@ -35,12 +55,14 @@ class CrawlSummary:
     source: str
     seen: int = 0
     new: int = 0  # repo ids never seen before
+    looked_up: int = 0  # parents outside the catalog read from the source (found or not)
     changed: int = 0  # known repo ids at a new sha
     unchanged: int = 0
     replaced: int = 0  # known rows whose tree placement moved (e.g. a parent arrived)
     unassigned: int = 0
     routed: int = 0  # placed by weights
     errors: list[dict] = field(default_factory=list)  # {repo_id, status, reason}
+    lookup_failures: list[dict] = field(default_factory=list)  # {repo_id, reason}: retried next crawl
     per_tree: dict[str, int] = field(default_factory=dict)  # models now in each tree this crawl changed
     watermark: str | None = None  # the stored watermark after this crawl
     next_watermark: str | None = None  # what it may advance to once everything downstream committed
@@ -61,6 +83,36 @@ def model_row(rec: ModelRecord, source: Source) -> dict:
         "created_at": rec.created_at, "last_modified": rec.last_modified, "source": source.name,
         "adapter_modules": None,
     }
+
+
+def make_row(source: Source, rec: ModelRecord) -> dict:
+    """A new catalog row from a record, with what the crawl reads beyond it: an adapter's module
+    signature, its lineage from adapter_config.json when the card gives none, and the relation."""
+    row = model_row(rec, source)
+    readable = rec.status not in (Status.BAD_REPO_ID, Status.NOT_FOUND, Status.GATED)
+    if readable and is_adapter(row) and rec.status == "ok":
+        row["adapter_modules"] = _adapter_signature(source, row)
+    if readable and not row["parents"] and (base := _adapter_config_base(source, row)):
+        row["parents"], row["lineage_source"] = [base], ADAPTER_CONFIG
+    quantized = bool(no_safetensors_reason(repo_files(row))) and any(f.endswith(".gguf") for f in repo_files(row))
+    row["relation"], inferred = infer_relation(row["relation"], len(row["parents"]), adapter=is_adapter(row),
+                                               quantized=quantized)
+    row["flags"] = [RELATION_INFERRED] if inferred else []
+    return row
+
+
+def _adapter_config_base(source: Source, row: dict) -> str | None:
+    """`base_model_name_or_path` of the repo's adapter_config.json (one small read), or None."""
+    size = next((f["size"] for f in row["files"] if f["path"] == ADAPTER_CONFIG_FILE), None)
+    if size is None or size > MAX_ADAPTER_CONFIG_BYTES:
+        return None
+    try:
+        with source.opener(row["repo_id"], row["sha"]).open(ADAPTER_CONFIG_FILE) as src:
+            raw = src.read(0, size if size >= 0 else src.size())
+    except (TensorReadError, OSError, SourceError) as e:  # extraction will say what is wrong with it
+        log.info("%s: adapter_config.json unreadable (%s); no lineage taken from it", row["repo_id"], e)
+        return None
+    return adapter_config_base(raw)
 
 
 def _label_order(key: str):
@@ -90,10 +142,10 @@ def _tree_signatures(source: Source, catalog: Catalog, current: dict[str, dict])
     the union of its adapters' module signatures, from what lineage placed: the stored rows
     (projected) and this crawl's own, not yet written."""
     sigs: dict[str, TreeSignature] = {}
-    stored = catalog.read(MODELS, where="lineage_source = 'card' AND status != 'superseded'",
+    stored = catalog.read(MODELS, where="lineage_source IN ('card', 'adapter_config') AND status != 'superseded'",
                           columns=["repo_id", "tree_id", "adapter_modules"]).to_pylist()
     placed = {r["repo_id"]: r for r in stored if r["repo_id"] not in current}
-    placed.update({m: r for m, r in current.items() if r.get("lineage_source") == "card"})
+    placed.update({m: r for m, r in current.items() if r.get("lineage_source") in DECLARED})
     for row in placed.values():
         t = row.get("tree_id")
         if not t:
@@ -149,8 +201,9 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
     listed = listed_rows(catalog, records)
     fresh = new_rows(source, records, listed, summary)
     existing, known_roots = neighbourhood(catalog, listed, fresh)
-    current, superseded = current_view(existing, fresh)
-    to_route, touched = place_by_lineage(current, fresh, summary, known_roots)
+    looked = look_up_parents(source, catalog, existing, fresh, summary)
+    current, superseded = current_view(existing, {**fresh, **looked})
+    to_route, touched = place_by_lineage(current, {**fresh, **looked}, summary, known_roots)
     if to_route:
         route_by_weights(source, catalog, current, to_route, summary)
     if superseded or touched:  # nothing new: no table is read again or written
@@ -185,6 +238,17 @@ def _models_where(catalog: Catalog, column: str, values, extra: str | None = Non
     return out
 
 
+def _ancestors_where(catalog: Catalog, ids) -> list[dict]:
+    """Stored current rows of these repo ids, compared as the Hub compares ids: exactly first (the
+    index answers), then, for the few ids spelled otherwise than stored, case-insensitively."""
+    found = _models_where(catalog, "repo_id", sorted(ids), "status != 'superseded'")
+    got = {repo_key(r["repo_id"]) for r in found}
+    other = sorted({repo_key(i) for i in ids} - got)
+    if other:
+        found += _models_where(catalog, "lower(repo_id)", other, "status != 'superseded'")
+    return found
+
+
 def neighbourhood(catalog: Catalog, listed: list[dict], fresh: dict[tuple[str, str], dict]
                   ) -> tuple[list[dict], set[str]]:
     """The stored rows whose placement the crawl can change or needs: the listed repos, every
@@ -207,19 +271,101 @@ def neighbourhood(catalog: Catalog, listed: list[dict], fresh: dict[tuple[str, s
         frontier = sorted({r["repo_id"] for r in found} - set(frontier))
         have |= set(frontier)
     # ancestors, through every declared parent
-    wanted = {p for r in [*rows.values(), *fresh.values()] for p in r.get("parents") or []} - have
+    keys = {repo_key(i) for i in have}
+    wanted = _unknown(_parents_of([*rows.values(), *fresh.values()]), keys)
     while wanted:
-        found = _models_where(catalog, "repo_id", sorted(wanted), "status != 'superseded'")
-        have |= wanted
+        found = _ancestors_where(catalog, wanted)
+        keys |= {repo_key(i) for i in wanted} | {repo_key(r["repo_id"]) for r in found}
         for r in found:
             rows[(r["repo_id"], r["sha"])] = r
-        wanted = {p for r in found for p in r.get("parents") or []} - have
+        wanted = _unknown(_parents_of(found), keys)
     roots = {r["repo_id"] for r in rows.values() if r.get("tree_id") == r["repo_id"] and r["status"] != "superseded"}
     return list(rows.values()), roots
 
 
 def _first_parent(row: dict) -> str | None:
-    return next((p for p in row.get("parents") or [] if p and p != row["repo_id"]), None)
+    own = repo_key(row["repo_id"])
+    return next((repo_key(p) for p in row.get("parents") or [] if p and repo_key(p) != own), None)
+
+
+def _parents_of(rows) -> set[str]:
+    return {p for r in rows for p in r.get("parents") or [] if p}
+
+
+def _unknown(ids: set[str], keys: set[str]) -> set[str]:
+    """The ids whose repo key is not among `keys`, one spelling per repo."""
+    out: dict[str, str] = {}
+    for i in sorted(ids):
+        if repo_key(i) not in keys:
+            out.setdefault(repo_key(i), i)
+    return set(out.values())
+
+
+def look_up_parents(source: Source, catalog: Catalog, existing: list[dict], fresh: dict[tuple[str, str], dict],
+                    summary: CrawlSummary, *, limit: int = MAX_PARENT_LOOKUPS,
+                    seconds: float = PARENT_LOOKUP_SECONDS) -> dict[tuple[str, str], dict]:
+    """Rows for the declared parents that neither the catalog nor this crawl has, read once from
+    the source: the parent's own record (under the id the source answers with, so its own spelling)
+    and, through its own `base_model`, its ancestors, until the chain reaches the catalog or a
+    root; a parent the source does not have becomes a `not_found` row. The children's `parents`
+    are rewritten to the spelling found. Ancestors found in the catalog on the way are appended to
+    `existing`. Never raises for one lookup: a failure is in `summary.lookup_failures`."""
+    rows = [*(r for r in existing if r["status"] != "superseded"), *fresh.values()]
+    keys = {repo_key(r["repo_id"]) for r in rows}
+    named_by = {}  # repo key -> a child naming it, for the not_found row's reason
+    for r in rows:
+        for p in r.get("parents") or []:
+            named_by.setdefault(repo_key(p), r["repo_id"])
+    looked: dict[tuple[str, str], dict] = {}
+    spelling: dict[str, str] = {}  # repo key declared -> the id the source answered with
+    deadline = time.monotonic() + seconds
+    wanted = _unknown(_parents_of(rows), keys)
+    while wanted:
+        found = []
+        for parent in sorted(wanted):
+            keys.add(repo_key(parent))
+            if summary.looked_up >= limit or time.monotonic() > deadline:
+                summary.lookup_failures.append({"repo_id": parent, "reason": "lookup budget of this crawl spent"})
+                continue
+            summary.looked_up += 1
+            try:
+                rec = source.model_info(parent)
+            except (SourceError, OSError, NotImplementedError) as e:  # the endpoint, not the repo: next crawl asks again
+                summary.lookup_failures.append({"repo_id": parent, "reason": " ".join(str(e).split())[:240]})
+                continue
+            if rec.status == Status.NOT_FOUND:
+                row = model_row(rec, source)
+                row.update(repo_id=parent, flags=[], reason=(
+                    f"named as a parent by {named_by.get(repo_key(parent), '?')} but not on the source "
+                    "(deleted, private or never uploaded): recorded so it is not looked up again; "
+                    "a crawl that lists it reads it"))
+                looked[(parent, row["sha"])] = row
+                continue
+            spelling[repo_key(parent)] = rec.repo_id
+            if repo_key(rec.repo_id) in keys - {repo_key(parent)}:
+                continue  # answered with an id this crawl already has (a renamed repo's new name)
+            keys.add(repo_key(rec.repo_id))
+            stored = _ancestors_where(catalog, {rec.repo_id}) if rec.repo_id != parent else []
+            if stored:  # the catalog has it under its own spelling
+                existing.extend(stored)
+                found += stored
+                continue
+            row = make_row(source, rec)
+            looked[(row["repo_id"], row["sha"])] = row
+            found.append(row)
+        for r in found:
+            for p in r.get("parents") or []:
+                named_by.setdefault(repo_key(p), r["repo_id"])
+        wanted = _unknown(_parents_of(found), keys)
+        stored = _ancestors_where(catalog, wanted) if wanted else []
+        existing.extend(stored)
+        keys |= {repo_key(r["repo_id"]) for r in stored}
+        wanted = _unknown(wanted | _parents_of(stored), keys)
+    if spelling:
+        for r in [*existing, *fresh.values(), *looked.values()]:
+            if any(repo_key(p) in spelling for p in r.get("parents") or []):
+                r["parents"] = [spelling.get(repo_key(p), p) for p in r["parents"]]
+    return looked
 
 
 def new_rows(source: Source, records: list[ModelRecord], existing: list[dict],
@@ -233,10 +379,7 @@ def new_rows(source: Source, records: list[ModelRecord], existing: list[dict],
         key = (rec.repo_id, rec.sha)
         if key in known:
             continue
-        row = model_row(rec, source)
-        if rec.status == "ok" and is_adapter(row):
-            row["adapter_modules"] = _adapter_signature(source, row)
-        fresh[key] = row
+        fresh[key] = make_row(source, rec)
         if rec.repo_id in latest:
             summary.changed += 1
         else:
@@ -260,25 +403,34 @@ def current_view(existing: list[dict], fresh: dict[tuple[str, str], dict]) -> tu
 def place_by_lineage(current: dict[str, dict], fresh: dict[tuple[str, str], dict],
                      summary: CrawlSummary, known_roots: set[str] = frozenset()
                      ) -> tuple[list[dict], list[dict]]:
-    """Lineage over the neighbourhood. Returns (fresh rows lineage cannot place, rows to write)."""
-    placements = place({m: (r["parents"] or [], r["relation"]) for m, r in current.items()}, known_roots)
+    """Lineage over the neighbourhood. Returns (fresh rows lineage cannot place, rows to write).
+    A `not_found` row (a parent the source does not have) places nothing: its children name
+    their tree after it (`missing_parent`), as when it was never looked up."""
+    present = {m: r for m, r in current.items() if r["status"] != Status.NOT_FOUND}
+    placements = place({m: (r["parents"] or [], r["relation"]) for m, r in present.items()}, known_roots)
     to_route, touched = [], []
     for repo_id, row in current.items():
-        p = placements[repo_id]
         is_fresh = (repo_id, row["sha"]) in fresh
-        before = (row.get("tree_id"), row.get("parent"), tuple(row.get("flags") or ()))
-        if p.tree_id is None and row.get("lineage_source") == "weights":
+        if repo_id not in placements:
+            if is_fresh:
+                touched.append(row)
+            continue
+        p = placements[repo_id]
+        before = (row.get("tree_id"), row.get("parent"), tuple(row.get("flags") or ()), tuple(row.get("parents") or ()))
+        if p.tree_id is None and row.get("lineage_source") == WEIGHTS:
             continue  # placed by weights in an earlier run: keep it
-        row["tree_id"], row["parent"] = p.tree_id, p.parent
-        row["flags"] = sorted(p.flags)
-        row["lineage_source"] = "card" if p.tree_id is not None else None
+        row["tree_id"], row["parent"], row["parents"] = p.tree_id, p.parent, list(p.parents)
+        row["flags"] = sorted(set(p.flags) | (set(row.get("flags") or ()) & ROW_FLAGS))
+        # what placed it: the card, or adapter_config.json when the card declared nothing
+        origin = ADAPTER_CONFIG if row.get("lineage_source") == ADAPTER_CONFIG else CARD
+        row["lineage_source"] = origin if p.tree_id is not None else None
         if row["status"] in CRAWL_STATUSES:
             row["status"] = "ok" if p.tree_id is not None else "unassigned"
         if p.tree_id is None and row["status"] in CRAWL_STATUSES and is_fresh:
             to_route.append(row)
         if is_fresh:
             touched.append(row)
-        elif before != (row["tree_id"], row["parent"], tuple(row["flags"])):
+        elif before != (row["tree_id"], row["parent"], tuple(row["flags"]), tuple(row["parents"])):
             summary.replaced += 1
             touched.append(row)
     return to_route, touched
@@ -300,7 +452,7 @@ def route_by_weights(source: Source, catalog: Catalog, current: dict[str, dict],
         row["route_distances"] = json.dumps(
             {k: (round(v, 6) if math.isfinite(v) else None) for k, v in decision.distances.items()})
         if decision.tree_id is not None:
-            row["tree_id"], row["lineage_source"], row["status"] = decision.tree_id, "weights", "ok"
+            row["tree_id"], row["lineage_source"], row["status"] = decision.tree_id, WEIGHTS, "ok"
             row["reason"] = f"routed by weights: {decision.reason}"
             summary.routed += 1
         else:

@@ -27,7 +27,11 @@ def test_crawl_places_by_lineage_and_keeps_bad_records(lake, tmp_path):
     got = rows(cat)
     assert got["org/grandchild"]["tree_id"] == "base/root-model"
     assert got["org/merge"]["tree_id"] == "base/root-model" and "merge" in got["org/merge"]["flags"]
-    assert got["org/orphan"]["tree_id"] == "gone/missing-root"
+    assert got["org/orphan"]["tree_id"] == "gone/missing-root" and "missing_parent" in got["org/orphan"]["flags"]
+    # the parent no source holds was looked up once and recorded, in no tree and counted in none
+    gone = got["gone/missing-root"]
+    assert (gone["status"], gone["tree_id"], gone["files"]) == ("not_found", None, [])
+    assert "named as a parent by org/orphan" in gone["reason"] and str(lake) not in gone["reason"]
     assert got["org/bad-yaml"]["status"] == "bad_card" and got["org/bad-yaml"]["reason"]
     # A model with weights unlike any tree's root is not forced into one.
     assert got["org/undeclared"]["status"] == "unassigned"
@@ -54,7 +58,9 @@ def test_second_crawl_adds_nothing_and_new_repos_are_picked_up_exactly(lake, tmp
     third = crawl_source(src, cat)  # incremental: from the watermark
     assert third.new == 10 and third.changed == 0
     assert {r for r in rows(cat) if r.startswith("new/")} == {f"new/copy-{i}" for i in range(10)}
-    assert len(rows(cat)) == first.seen + 10
+    # the two parents no repo of the lake holds were looked up once and recorded as not_found
+    assert first.looked_up == 2 and again.looked_up == 0
+    assert len(rows(cat)) == first.seen + first.looked_up + 10
 
 
 def test_changed_file_supersedes_the_old_revision(lake, tmp_path):
@@ -106,7 +112,7 @@ def test_crawling_one_repo_at_a_time_places_like_one_crawl(lake, tmp_path, order
     ref = Catalog(str(tmp_path / "ref"))
     crawl_source(LocalSource(lake), ref)
     want = rows(ref)
-    times = sorted({r["last_modified"] for r in want.values()})
+    times = sorted({r["last_modified"] for r in want.values() if r["last_modified"]})  # not_found parents: none
     if order == "newest_first":
         times.reverse()
     elif order == "shuffled":
@@ -135,3 +141,143 @@ def test_crawling_one_repo_at_a_time_places_like_one_crawl(lake, tmp_path, order
     root = after["base/root-model"]
     assert (root["tree_id"], root["status"], root["lineage_source"]) == ("base/root-model", "ok", "card")
     assert after["org/grandchild"]["tree_id"] == "base/root-model"
+
+
+# --- lineage as the Hub writes it ---------------------------------------------------------------
+
+from minilake import card, write_repo  # noqa: E402
+
+ADAPTER = {"r": 8, "lora_alpha": 16, "target_modules": ["query"], "peft_type": "LORA"}
+
+
+def lineage_lake(root):
+    """A tree whose children declare their lineage every way the Hub sees it."""
+    files = lambda front, **more: {"README.md": card(front), "config.json": {}, "model.safetensors": "<safetensors>",
+                                   **more}
+    write_repo(root, "Base/Root", files("license: mit"), t=T0)
+    write_repo(root, "org/url-child", files("base_model: https://huggingface.co/BASE/root/tree/main"), t=T0 + 60)
+    write_repo(root, "org/quant", files("base_model: Base/Root\nbase_model_relation: quantized"), t=T0 + 120)
+    write_repo(root, "org/merge", files("base_model: [base/root, elsewhere/other-root]"), t=T0 + 180)
+    write_repo(root, "org/gguf", {"README.md": card("base_model: Base/Root"), "model-Q4_K_M.gguf": b"GGUF\3"},
+               t=T0 + 240)
+    # PEFT adapters without a card lineage: the Hub reads adapter_config.json's base
+    write_repo(root, "org/peft", {"README.md": "# an adapter\n", "adapter_model.safetensors": "<safetensors>",
+                                  "adapter_config.json": {**ADAPTER, "base_model_name_or_path": "base/ROOT"}},
+               t=T0 + 300)
+    write_repo(root, "org/peft-path", {"README.md": "# an adapter\n", "adapter_model.safetensors": "<safetensors>",
+                                       "adapter_config.json": {**ADAPTER, "base_model_name_or_path": "/content/base"}},
+               t=T0 + 360)
+    return root
+
+
+def test_lineage_as_the_hub_writes_it(tmp_path):
+    cat = Catalog(str(tmp_path / "cat"))
+    s = crawl_source(LocalSource(lineage_lake(tmp_path / "lake")), cat)
+    got = rows(cat)
+    want = {  # tree, parent, relation, lineage_source
+        "org/url-child": ("Base/Root", "Base/Root", "finetune", "card"),
+        "org/quant": ("Base/Root", "Base/Root", "quantized", "card"),
+        "org/merge": ("Base/Root", "Base/Root", "merge", "card"),
+        "org/gguf": ("Base/Root", "Base/Root", "quantized", "card"),
+        "org/peft": ("Base/Root", "Base/Root", "adapter", "adapter_config"),
+    }
+    for repo_id, w in want.items():
+        r = got[repo_id]
+        assert (r["tree_id"], r["parent"], r["relation"], r["lineage_source"]) == w, repo_id
+    # declared relations are kept; undeclared ones are inferred and say so
+    assert "relation_inferred" not in got["org/quant"]["flags"]
+    assert {"relation_inferred", "merge"} <= set(got["org/merge"]["flags"])
+    assert "relation_inferred" in got["org/peft"]["flags"] and "relation_inferred" in got["org/url-child"]["flags"]
+    assert got["org/merge"]["parents"] == ["Base/Root", "elsewhere/other-root"]  # the root's own spelling
+    assert got["org/url-child"]["parents"] == ["Base/Root"]
+    assert got["org/gguf"]["status"] == "no_safetensors"
+    # a local path in adapter_config.json is no lineage: routed by weights or left unassigned
+    assert got["org/peft-path"]["parents"] == [] and got["org/peft-path"]["lineage_source"] != "adapter_config"
+    tree = cat.tree("Base/Root")
+    assert (tree["n_models"], tree["n_finetune"], tree["n_adapter"], tree["n_other"]) == (6, 1, 1, 3)
+    assert s.looked_up == 1 and got["elsewhere/other-root"]["status"] == "not_found"
+
+    # later, a child spelling the root in yet another case finds the stored root; nothing is looked up
+    write_repo(tmp_path / "lake", "org/late", {"README.md": card("base_model: BASE/ROOT\nbase_model_relation: finetune"),
+                                               "config.json": {}, "model.safetensors": "<safetensors>"}, t=T0 + 999)
+    s = crawl_source(LocalSource(tmp_path / "lake"), cat)
+    assert (s.new, s.looked_up) == (1, 0)
+    late = rows(cat)["org/late"]
+    assert (late["tree_id"], late["parent"], late["parents"]) == ("Base/Root", "Base/Root", ["Base/Root"])
+    assert cat.tree("Base/Root")["n_finetune"] == 2
+
+
+def test_hub_and_local_crawls_agree_on_lineage(tmp_path):
+    from hubserver import HubServer
+
+    lake = lineage_lake(tmp_path / "lake")
+    local = Catalog(str(tmp_path / "local"))
+    crawl_source(LocalSource(lake), local)
+    with HubServer(lake, page_size=3) as hub:
+        remote = Catalog(str(tmp_path / "remote"))
+        crawl_source(HubSource(endpoint=hub.url, token=None), remote)
+    keep = ["repo_id", "sha", "tree_id", "parent", "parents", "relation", "lineage_source", "status", "flags"]
+    a = sorted(tuple(str(r[k]) for k in keep) for r in local.read(MODELS).to_pylist())
+    b = sorted(tuple(str(r[k]) for k in keep) for r in remote.read(MODELS).to_pylist())
+    assert a == b
+
+
+def chain_lake(root):
+    """root <- middle <- leaf, one minute apart."""
+    files = lambda front: {"README.md": card(front), "config.json": {}, "model.safetensors": "<safetensors>"}
+    write_repo(root, "base/root", files("license: mit"), t=T0)
+    write_repo(root, "org/middle", files("base_model: base/root\nbase_model_relation: finetune"), t=T0 + 60)
+    write_repo(root, "org/leaf", files("base_model: org/middle\nbase_model_relation: finetune"), t=T0 + 120)
+    return root
+
+
+@pytest.mark.parametrize("via", ["local", "hub"])
+def test_parents_outside_the_crawl_are_looked_up_once_and_recorded(tmp_path, via):
+    """A crawl that lists only the leaf (a window, a --since) still places it in its root's tree:
+    its parent and grandparent are read from the source and stored, so the chain crosses them."""
+    from contextlib import nullcontext
+
+    from hubserver import HubServer
+
+    lake = chain_lake(tmp_path / "lake")
+    cat = Catalog(str(tmp_path / "cat"))
+    leaf_time = LocalSource(lake).snapshot("org/leaf").last_modified
+    with HubServer(lake) if via == "hub" else nullcontext() as hub:
+        src = HubSource(endpoint=hub.url, token=None) if hub else LocalSource(lake)
+        s = crawl_source(src, cat, since=leaf_time)
+        assert (s.seen, s.new, s.looked_up, s.lookup_failures) == (1, 1, 2, [])
+        got = rows(cat)
+        assert (got["org/leaf"]["tree_id"], got["org/leaf"]["flags"]) == ("base/root", [])
+        assert (got["org/middle"]["tree_id"], got["org/middle"]["parent"], got["org/middle"]["status"]) == (
+            "base/root", "base/root", "ok")
+        assert got["base/root"]["tree_id"] == "base/root" and got["org/middle"]["sha"] == src.model_info("org/middle").sha
+        assert cat.tree("base/root")["n_models"] == 3
+        # the middle is the repo's own record: a crawl that lists it later has nothing to add
+        s = crawl_source(src, cat, incremental=False)
+        assert (s.seen, s.new, s.changed, s.replaced, s.looked_up) == (3, 0, 0, 0, 0)
+
+
+def test_a_failed_lookup_leaves_the_crawl_whole_and_is_retried(tmp_path):
+    from hubserver import HubServer
+
+    from storage.http import HttpClient, RetryPolicy
+
+    lake = chain_lake(tmp_path / "lake")
+    cat = Catalog(str(tmp_path / "cat"))
+    leaf_time = LocalSource(lake).snapshot("org/leaf").last_modified
+    quick = HttpClient(connect_timeout_s=0.5, read_timeout_s=0.5, retry=RetryPolicy(max_retries=0))
+    with HubServer(lake) as hub:
+        src = HubSource(endpoint=hub.url, token=None, http=quick)
+        hub.faults.stall_suffix = "/api/models/org/middle"  # the lookup, not the listed repos' infos
+        s = crawl_source(src, cat, since=leaf_time)
+        assert s.new == 1 and s.looked_up == 1 and [f["repo_id"] for f in s.lookup_failures] == ["org/middle"]
+        assert "did not answer within 0.5 s" in s.lookup_failures[0]["reason"]
+        leaf = rows(cat)["org/leaf"]
+        assert (leaf["tree_id"], leaf["status"], leaf["flags"]) == ("org/middle", "ok", ["missing_parent"])
+        assert "org/middle" not in rows(cat)  # a failure is not recorded as an answer
+        assert cat.watermark(src.name) is not None  # the crawl committed
+
+        hub.faults.stall_suffix = None
+        s = crawl_source(src, cat, since=leaf_time)
+        assert (s.new, s.looked_up, s.replaced) == (0, 2, 1)
+        assert rows(cat)["org/leaf"]["tree_id"] == "base/root"

@@ -109,3 +109,42 @@ def test_fixture_lake_lineage(tmp_path):
     }
     assert p["org/orphan"].tree_id == "gone/missing-root"
     assert p["org/undeclared"].tree_id is None and p["org/bad-base"].tree_id is None
+
+
+# --- ids as the Hub compares them, relations as the Hub infers them ---------------------------
+
+
+def test_ids_compare_case_insensitively_and_keep_the_repos_own_spelling():
+    p = place({
+        "Base/Root": ([], None),
+        "a/kid": (["base/ROOT"], "finetune"),
+        "a/grand": (["A/Kid"], None),
+        "b/one": (["gone/Up"], None), "b/two": (["GONE/up"], None),  # one unknown parent, two spellings
+        "s/self": (["S/Self"], None),  # itself in another case: a cycle of one
+    })
+    assert (p["a/kid"].tree_id, p["a/kid"].parent, p["a/kid"].parents) == ("Base/Root", "Base/Root", ("Base/Root",))
+    assert (p["a/grand"].tree_id, p["a/grand"].parent, p["a/grand"].depth) == ("Base/Root", "a/kid", 2)
+    assert p["Base/Root"].is_root and NO_LINEAGE in p["Base/Root"].flags
+    assert p["b/one"].tree_id == p["b/two"].tree_id == "GONE/up"  # the smallest spelling, for both
+    assert p["s/self"].tree_id is None and p["s/self"].flags == {CYCLE, NO_LINEAGE}
+    assert place({"x/kid": (["x/ROOT"], None)}, known_roots={"x/root"})["x/kid"].tree_id == "x/ROOT"
+    # a root known from outside, spelled otherwise by the stored rows, is still a root
+    q = place({"x/root": ([], None)}, known_roots={"X/Root"})
+    assert q["x/root"].is_root
+
+
+@pytest.mark.parametrize("declared, n, adapter, quantized, want", [
+    ("finetune", 1, True, False, ("finetune", False)),  # declared wins, even over the files
+    ("quantized", 1, False, False, ("quantized", False)),
+    ("merge", 2, False, False, ("merge", False)),
+    (None, 1, True, False, ("adapter", True)),
+    (None, 2, False, False, ("merge", True)),
+    (None, 1, False, True, ("quantized", True)),
+    (None, 1, False, False, ("finetune", True)),
+    ("lora", 1, True, False, ("adapter", True)),  # not one of the Hub's values: inferred
+    (None, 0, True, False, (None, False)),  # a root has no relation
+])
+def test_relation_is_declared_or_inferred_as_the_hub_does(declared, n, adapter, quantized, want):
+    from probex_core.lineage import infer_relation
+
+    assert infer_relation(declared, n, adapter=adapter, quantized=quantized) == want

@@ -225,3 +225,47 @@ def test_oversized_and_unusable_cards_are_refused(tmp_path):
     recs = by_id(LocalSource(tmp_path))
     assert recs["a/tags"].status == Status.BAD_CARD and "over the 1000 limit" in recs["a/tags"].reason
     assert recs["a/keys"].status == Status.BAD_CARD and "unusable" in recs["a/keys"].reason
+
+
+# --- lineage as the Hub writes it ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("front, parents", [
+    ("base_model: org/base", ["org/base"]),
+    ("base_model: [org/a, org/b]", ["org/a", "org/b"]),  # a merge
+    ("base_model: https://huggingface.co/Org/Base/tree/main", ["Org/Base"]),  # the model page URL
+    ("base_model: hf.co/org/base", ["org/base"]),
+    ("base_model: ' org/base@0123abc '", ["org/base"]),  # a revision is not part of the id
+    ("base_model: [Org/Base, org/base, ORG/BASE/]", ["Org/Base"]),  # one repo on the Hub: the first spelling
+    ("base_model: gpt2", ["gpt2"]),  # a canonical model without an owner
+])
+def test_base_model_is_read_as_the_hub_reads_ids(tmp_path, front, parents):
+    write_repo(tmp_path, "a/b", {"README.md": card(front), "config.json": {}}, t=T0)
+    (rec,) = LocalSource(tmp_path).list_models()
+    assert rec.status == Status.OK and rec.base_model == parents, rec.reason
+
+
+@pytest.mark.parametrize("front", ["base_model: https://huggingface.co/datasets/org/data",
+                                   "base_model: https://example.com/org/base"])
+def test_a_link_that_is_not_a_model_id_is_bad_lineage(tmp_path, front):
+    write_repo(tmp_path, "a/b", {"README.md": card(front), "config.json": {}}, t=T0)
+    (rec,) = LocalSource(tmp_path).list_models()
+    assert rec.status == Status.BAD_CARD and "invalid repo ids" in rec.reason and rec.base_model == []
+
+
+@pytest.mark.parametrize("doc, want", [
+    ({"base_model_name_or_path": "meta-llama/Llama-2-7b-hf", "r": 8}, "meta-llama/Llama-2-7b-hf"),
+    ({"base_model_name_or_path": "https://huggingface.co/Org/Base"}, "Org/Base"),
+    ({"base_model_name_or_path": "/content/drive/llama-7b"}, None),  # a local path, not a repo
+    ({"base_model_name_or_path": "../checkpoints/base"}, None),
+    ({"base_model_name_or_path": None}, None),
+    ({"r": 8}, None),
+    (["not", "an", "object"], None),
+])
+def test_adapter_config_names_the_base_as_the_hub_infers_it(doc, want):
+    import json
+
+    from storage.sources.parse import adapter_config_base
+
+    assert adapter_config_base(json.dumps(doc).encode()) == want
+    assert adapter_config_base(b"{not json") is None

@@ -126,7 +126,11 @@ class HubSource(Source):
 
     # -- one repo ---------------------------------------------------------------------------
     def model_info(self, repo_id: str, sha: str | None = None) -> ModelRecord:
-        """One repo read afresh; its sha (when not given) and times come from its model info."""
+        """One repo read afresh; its sha (when not given) and times come from its model info.
+
+        The record carries the repo's own id as the Hub answers it: the Hub resolves ids in any
+        case (and a renamed repo's old name), so a parent that a card names `org/name` is recorded
+        as the `Org/Name` it is."""
         return self._read(repo_id, sha or "", None, None, from_info=True)
 
     def record(
@@ -156,6 +160,8 @@ class HubSource(Source):
                 )
             if from_info:
                 sha, created_at, last_modified = info.sha or sha, info.created_at, info.last_modified
+                if info.id and not parse.repo_id_problem(info.id):
+                    repo_id = info.id
             return self._assemble(repo_id, sha, created_at, last_modified, info)
         except HfHubHTTPError as err:  # not retryable, not one repo's 404: e.g. a bad token
             raise SourceError(
@@ -220,6 +226,11 @@ class HubSource(Source):
         """A file the repo lists; a 404 for it is that repo's problem, not the run's."""
         try:
             return self._get(self.opener(repo_id, sha).url(filename)).content
+        except GatedRepoError:
+            # Model info (lineage, files) is public for a gated repo; only its files need access.
+            problems.add(Status.GATED, f"{filename} is gated: accept the repo's licence on the Hub and crawl "
+                         "with a token (HF_TOKEN) that has access")
+            return None
         except HfHubHTTPError as err:
             if not _gone(err):
                 raise

@@ -9,6 +9,7 @@ URLs, so they do not depend on which source read the repo.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,6 +19,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.utils import validate_repo_id
 
+from probex_core.lineage import repo_key
 from storage.records import MODEL_INDEX, ModelRecord, RepoFile, no_safetensors_reason, weight_files
 
 CARD_FILE = "README.md"
@@ -75,6 +77,30 @@ def repo_id_problem(repo_id: object) -> str | None:
     if not repo_id:
         return "empty repo id"
     return None
+
+
+# What people write around a repo id in `base_model` / `base_model_name_or_path`: the model's page
+# URL (the Hub's own "Use this model" links) and a revision (`@<sha>`, `/tree/<rev>`). A revision
+# is not part of the id: the Hub's model tree links repos, not commits.
+_HUB_URL = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/", re.IGNORECASE)
+_REVISION = re.compile(r"(?:/(?:tree|blob|resolve|commit)/.*|@[^/]*)$")
+
+
+def repo_ref(text: str) -> str:
+    """The repo id a lineage field names: `https://huggingface.co/Org/Name/tree/main` and
+    `Org/Name@abc123` both give `Org/Name` (the writer's spelling kept; compare with `repo_key`).
+    Not validated: `repo_id_problem` says whether the result is an id."""
+    ref = _HUB_URL.sub("", text.strip())
+    return _REVISION.sub("", ref).rstrip("/")
+
+
+def repo_refs(values: list[str]) -> list[str]:
+    """`repo_ref` of each, empty ones dropped, de-duplicated as the Hub compares ids, in order."""
+    out: dict[str, str] = {}
+    for v in values:
+        if ref := repo_ref(v):
+            out.setdefault(repo_key(ref), ref)
+    return list(out.values())
 
 
 def _one_line(err: BaseException, limit: int = 240) -> str:
@@ -222,13 +248,34 @@ def card_fields(data: ModelCardData, problems: Problems) -> CardFields:
             f"{str(declared)[:80]!r}; lineage ignored",
         )
         return fields
-    cleaned = list(dict.fromkeys(p.strip() for p in parents if p.strip()))  # de-dup, keep order
+    cleaned = repo_refs(parents)
     bad = [p for p in cleaned if repo_id_problem(p)]
     if bad:
         problems.add(Status.BAD_CARD, f"base_model has invalid repo ids {bad[:3]!r}; lineage ignored")
         return fields
     fields.base_model = cleaned
     return fields
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+MAX_ADAPTER_CONFIG_BYTES = 1 << 20  # PEFT writes ~1 KiB; a rank_pattern of every module stays far below
+
+
+def adapter_config_base(raw: bytes) -> str | None:
+    """The base model a PEFT `adapter_config.json` names (`base_model_name_or_path`), as a repo id;
+    None when it names none, or a local path (`/content/llama`, `../base`) rather than a repo.
+    The Hub takes an adapter's lineage from this field when the card declares none."""
+    if len(raw) > MAX_ADAPTER_CONFIG_BYTES:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None  # extraction reads it again and says what is wrong with it
+    value = doc.get("base_model_name_or_path") if isinstance(doc, dict) else None
+    if not isinstance(value, str):
+        return None
+    ref = repo_ref(value)
+    return ref if ref and not repo_id_problem(ref) else None
 
 
 def config_labels(raw: bytes, problems: Problems) -> dict[str, str] | None:
