@@ -17,21 +17,46 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pick_device(preference: str = "auto", threads: int | None = None) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cpu" / "cuda" / "cuda:N" as given.
+# A process-wide default thread count, below PROBEX_TORCH_THREADS: a Dask worker sets it to the
+# threads it was started with (`--nthreads`), its share of the machine, instead of every core.
+_default_threads: int | None = None
 
-    Always sets torch's CPU thread count explicitly (Dask sets OMP_NUM_THREADS=1 in the parent
-    process, which would otherwise silently make torch single-threaded): `threads`, else
-    $PROBEX_TORCH_THREADS, else every core this process may use.
-    """
-    n = threads or int(os.environ.get("PROBEX_TORCH_THREADS") or 0) or cpu_count()
-    torch.set_num_threads(n)
+
+def set_default_threads(n: int | None) -> None:
+    global _default_threads
+    _default_threads = n if n and n > 0 else None
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """"auto" -> cuda when available else cpu; "cpu" / "cuda" / "cuda:N" as given."""
     pref = (preference or "auto").lower()
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {preference!r} requested but CUDA is not available")
     return torch.device(pref)
+
+
+def device_name(preference: str = "auto") -> str:
+    """Where `preference` trains in this process, as a checkpoint records it: "cpu" or the CUDA
+    device's name (e.g. "NVIDIA H200")."""
+    device = resolve_device(preference)
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_device(preference: str = "auto", threads: int | None = None) -> torch.device:
+    """The device `resolve_device` names, with torch's CPU thread count set explicitly.
+
+    Always sets torch's CPU thread count explicitly (Dask sets OMP_NUM_THREADS=1 in the parent
+    process, which would otherwise silently make torch single-threaded): `threads`, else
+    $PROBEX_TORCH_THREADS, else the process default (`set_default_threads`), else every core this
+    process may use.
+    """
+    n = threads or int(os.environ.get("PROBEX_TORCH_THREADS") or 0) or _default_threads or cpu_count()
+    torch.set_num_threads(n)
+    return resolve_device(preference)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

@@ -77,3 +77,53 @@ def check_scheduler(address: str) -> None:
     """Fail fast, naming the setting, when a configured scheduler does not answer."""
     with dask_client(address):
         pass
+
+
+# -- placing work on the cluster's workers ----------------------------------------------------------
+GPU = "GPU"  # the resource GPU workers advertise: `dask worker --resources GPU=1` (one per device)
+
+
+def advertised(client, resource: str = GPU) -> float:
+    """Units of `resource` the scheduler's workers advertise together (0 when none do)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return float(sum(w.get("resources", {}).get(resource, 0) for w in workers))
+
+
+def cluster_gpus(address: str | None) -> float:
+    """GPUs the scheduler at `address` advertises; 0 without one (a LocalCluster's workers
+    advertise no resources)."""
+    if not address:
+        return 0.0
+    with dask_client(address) as client:
+        return advertised(client)
+
+
+def gpu_resources(gpus: float) -> dict[str, float] | None:
+    """The resources a training or embedding task asks for: one GPU when the cluster advertises
+    any (so each runs on a GPU worker, one per device at a time), else none (any worker)."""
+    return {GPU: 1} if gpus > 0 else None
+
+
+def on_gpus(gpus: float):
+    """Around `.submit` calls (Prefect's Dask runner or a Client): the GPU annotation when the
+    cluster advertises GPUs. It is a scheduling label only: the device is chosen on the worker."""
+    import dask
+
+    resources = gpu_resources(gpus)
+    return dask.annotate(resources=resources) if resources else contextlib.nullcontext()
+
+
+def use_worker_threads() -> int | None:
+    """On a Dask worker, torch's default thread count becomes the worker's own (`--nthreads`): its
+    share of the machine, so two workers on one host do not each take every core. Returns the
+    count, or None outside a worker (nothing changes)."""
+    from probex_core.device import set_default_threads
+
+    try:
+        from distributed import get_worker
+
+        n = get_worker().state.nthreads
+    except (ImportError, ValueError):  # not running on a worker
+        return None
+    set_default_threads(n)
+    return n

@@ -11,13 +11,13 @@ from datetime import datetime
 
 from prefect import task
 
-from probex_core.settings import Settings, configure
+from probex_core.settings import Settings, apply_runtime_env, configure
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog, sql_in
 from storage.extract import ExtractJob, ExtractResult
 from storage.sources import SourceError, open_source
 from tasks.crawl import CrawlSummary, changed_since, crawl_source
-from tasks.dask_cluster import check_scheduler
+from tasks.dask_cluster import advertised, check_scheduler, dask_client, gpu_resources, use_worker_threads
 from tasks.embed import embed_trees
 from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
 
@@ -138,15 +138,60 @@ def record_quarantine(catalog: Catalog, results) -> None:
 
 def train_step(settings: Settings, trees: list[str] | None = None, layers: list[str] | None = None,
                strategies=("fast",)) -> dict:
+    """Every tree's expert: one after another in this process, or, with a cluster configured
+    (PROBEX_DASK_ADDRESS), each tree as its own task on it, trees in parallel."""
+    ids = tree_ids(catalog_for(settings), trees)
+    if settings.dask_address:
+        return {"trees": train_on_cluster(settings, ids, layers, strategies)}
     from tasks.train import train_tree  # torch and sklearn: only for the steps that train
 
     catalog = catalog_for(settings)
     encoder = text_encoder(settings)
     out = {}
-    for tree_id in tree_ids(catalog, trees):
+    for tree_id in ids:
         out[tree_id] = train_tree(catalog, settings.shards, str(settings.experts), tree_id, encoder=encoder,
                                   layers=layers, strategies=strategies, device=settings.device).to_dict()
     return {"trees": out}
+
+
+# A bound on waiting for a cluster's training tasks: a tree's runs stop at their time limit, so only
+# a cluster that lost every worker able to run them (e.g. every GPU worker) waits this long.
+CLUSTER_TRAIN_TIMEOUT_S = 3600
+
+
+def train_on_cluster(settings: Settings, ids: list[str], layers: list[str] | None = None,
+                     strategies=("fast",)) -> dict[str, dict]:
+    """One Dask task per tree on the scheduler at PROBEX_DASK_ADDRESS, on a GPU worker when the
+    cluster advertises GPUs. A task whose worker dies is run again by Dask elsewhere (a new expert
+    version is only made current once it is completely written)."""
+    import uuid
+
+    from distributed import wait
+
+    with dask_client(settings.dask_address) as client:
+        resources = gpu_resources(advertised(client))
+        futures = {t: client.submit(train_tree_on_worker, settings, t, layers, tuple(strategies),
+                                    resources=resources, pure=False, key=f"train-tree-{uuid.uuid4().hex[:12]}")
+                   for t in ids}
+        try:
+            wait(list(futures.values()), timeout=CLUSTER_TRAIN_TIMEOUT_S)
+        except TimeoutError:
+            left = [t for t, f in futures.items() if not f.done()]
+            raise ProbexError(f"training {', '.join(left)} did not finish within {CLUSTER_TRAIN_TIMEOUT_S} s on "
+                              f"{settings.dask_address}; are workers{' with GPU' if resources else ''} still up?") from None
+        return {t: f.result() for t, f in futures.items()}
+
+
+def train_tree_on_worker(settings: Settings, tree_id: str, layers: list[str] | None, strategies) -> dict:
+    """Runs on a Dask worker: the device is chosen here (CUDA when this worker has one), with the
+    worker's own thread count; the expert's config records where it trained."""
+    from tasks.train import train_tree
+
+    apply_runtime_env(settings)
+    use_worker_threads()
+    return train_tree(catalog_for(settings), settings.shards, str(settings.experts), tree_id,
+                      encoder=text_encoder(settings), layers=layers, strategies=strategies,
+                      device=settings.device).to_dict()
 
 
 def embed_step(settings: Settings, trees: list[str] | None = None, since: datetime | None = None) -> dict:
@@ -218,10 +263,12 @@ def record_quarantine_task(home: str | None, results: list[ExtractResult]) -> No
 
 @task(name="train-tree")
 def train_tree_task(home: str | None, tree_id: str):
-    """One tree's expert; returns its `TreeTrainReport` (promoted or not, and why)."""
+    """One tree's expert; returns its `TreeTrainReport` (promoted or not, and why). On a Dask
+    worker (the train flow's runner) the device is chosen there, with the worker's thread count."""
     from tasks.train import train_tree
 
     s = configure(home)
+    use_worker_threads()
     return train_tree(catalog_for(s), s.shards, str(s.experts), tree_id, encoder=text_encoder(s),
                       device=s.device)
 

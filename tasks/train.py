@@ -226,9 +226,14 @@ def fit_tree(data: dict[str, tuple[LayerDataset, LayerDataset]], labels: TreeLab
 
 
 def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedExpert, encoder,
-                   report: TreeTrainReport) -> None:
+                   report: TreeTrainReport, device: str = "auto") -> None:
     """Save a new expert version; make it current (and the tree's row point at it) only when it
-    validates at least as well as the current one."""
+    validates at least as well as the current one. Its config's info says where it trained
+    (`device`, as fit_tree resolved it in this process, and the host: a cluster's worker)."""
+    import socket
+
+    from probex_core.device import device_name
+
     best, head = fitted.best, fitted.head
     folder = tree_dir(experts, tree_id)
     prev = current_version(folder)
@@ -240,7 +245,8 @@ def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedE
                        text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
                        metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
                        info={"task": head.name, "n_train": len(fitted.train), "n_val": len(fitted.val),
-                             "refit": best.refit, "layer_choice": fitted.choice.summary()}, make_current=promote)
+                             "refit": best.refit, "layer_choice": fitted.choice.summary(),
+                             "device": device_name(device), "host": socket.gethostname()}, make_current=promote)
     report.version, report.promoted = path.name, promote
     if promote:
         row = catalog.tree(tree_id) or {"tree_id": tree_id, "root": tree_id}
@@ -264,5 +270,5 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     report.n_train, report.n_val = len(fitted.train), len(fitted.val)
     report.val, report.params, report.refit = fitted.best.best_val, fitted.best.n_params, fitted.best.refit
     report.train_seconds = fitted.train_seconds
-    publish_expert(catalog, experts, tree_id, fitted, encoder, report)
+    publish_expert(catalog, experts, tree_id, fitted, encoder, report, tcfg.device if tcfg else device)
     return report
