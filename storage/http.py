@@ -9,7 +9,12 @@ files, from the crawler (`HubSource`) and the reader (`HttpFile`) alike. Each re
   quota is spent), else a capped exponential back-off with jitter (workers sharing one quota must
   not retry in lockstep);
 - stops with `RateLimited` rather than sleep longer than `max_wait_s`, and with `HttpError` /
-  `HttpTimeout` after its last retry: one line naming the URL, what happened and what to do.
+  `HttpTimeout` after its last retry: one line naming the URL, what happened and what to do;
+- first takes a slot of its Hub bucket ("api" for /api/, "resolvers" for /resolve/) from the
+  client's `limiter`, retries included, when it has one: the whole cluster's budget, kept by
+  Prefect (`storage.ratelimit`; PROBEX_HUB_RATE_* settings);
+- is counted in this process's `http_counts()` (sends, retries, 429s, waits for the limiter), for
+  run summaries.
 Other error statuses raise huggingface_hub's typed errors (`hf_raise_for_status`), so callers tell
 a deleted repo (404) from a bad token (401) or a gated one.
 """
@@ -19,11 +24,12 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timezone
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx2
@@ -102,6 +108,47 @@ class RetryPolicy:
         return self.backoff(retry) if hinted is None else max(hinted, self.base_wait_s)
 
 
+# --- the shared budget and the counts ---------------------------------------------------------------
+
+
+class Limiter(Protocol):
+    """A budget shared by processes: `acquire` blocks until one request of `bucket` may be sent
+    and returns the seconds it waited. Must pickle (a Dask worker gets a copy)."""
+
+    def acquire(self, bucket: str) -> float: ...
+
+
+def hub_bucket(url: str) -> str | None:
+    """The Hub's rate-limit bucket of a URL: "api" for /api/..., "resolvers" for
+    /{repo}/resolve/{rev}/{file} (ranged reads too); None for anything else (a CDN, a mirror's
+    other pages). The leading /api/ wins, so a repo named "resolve/x" is still an API call."""
+    path = urlsplit(str(url)).path
+    if path.startswith("/api/"):
+        return "api"
+    if "/resolve/" in path:
+        return "resolvers"
+    return "api" if "/api/" in path else None  # an endpoint under a prefix (a mirror's /hf/api/)
+
+
+COUNT_FIELDS = ("requests", "retries", "rate_limited", "limiter_acquired", "limiter_wait_s")
+_counts_lock = threading.Lock()
+_counts = dict.fromkeys(COUNT_FIELDS, 0)
+
+
+def _count(**add: float) -> None:
+    with _counts_lock:
+        for key, value in add.items():
+            _counts[key] += value
+
+
+def http_counts() -> dict[str, float]:
+    """This process's totals since it started: requests sent, retries, 429 answers (each retried
+    or, on the last try, raised), slots taken from the limiter and seconds spent waiting for them.
+    Per process: a summary takes the difference around its work (a worker around its task)."""
+    with _counts_lock:
+        return dict(_counts)
+
+
 # --- the client -----------------------------------------------------------------------------------
 
 
@@ -119,19 +166,26 @@ def _one_line(err: BaseException) -> str:
 class HttpClient:
     """Timeouts and retries for every request. Frozen and picklable: a Dask worker gets a copy.
 
-    `sleep` is injectable so tests can record the waits instead of sleeping them.
+    `sleep` is injectable so tests can record the waits instead of sleeping them. `limiter`: the
+    shared budget (None: this process only backs off on the server's 429s).
     """
 
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     retry: RetryPolicy = RetryPolicy()
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    limiter: Limiter | None = None
 
     @classmethod
     def from_settings(cls, settings: HttpSettings | None = None, **overrides: Any) -> HttpClient:
-        """From `HttpSettings` (default: read from the PROBEX_HTTP_* environment variables now)."""
+        """From `HttpSettings` (default: read from the PROBEX_HTTP_* and PROBEX_HUB_RATE_*
+        environment variables now), the shared limiter included when they ask for one."""
         s = settings if settings is not None else HttpSettings.from_env()
         retry = RetryPolicy(max_retries=s.max_retries, max_wait_s=s.max_wait_s)
+        if "limiter" not in overrides:
+            from storage.ratelimit import limiter_from_settings  # lazy: it imports storage.http
+
+            overrides["limiter"] = limiter_from_settings(s)
         return cls(**{"connect_timeout_s": s.connect_timeout_s, "read_timeout_s": s.read_timeout_s,
                       "retry": retry, **overrides})
 
@@ -160,9 +214,14 @@ class HttpClient:
         """
         policy = self.retry
         hf_headers = build_hf_headers(token=token, headers=dict(headers or {}))
+        bucket = hub_bucket(url) if self.limiter is not None else None
         for attempt in range(policy.max_retries + 1):
             last = attempt == policy.max_retries
             response = None
+            if bucket is not None:  # every send, retries too: the Hub counts each one
+                waited = self.limiter.acquire(bucket)
+                _count(limiter_acquired=1, limiter_wait_s=waited)
+            _count(requests=1, retries=1 if attempt else 0)
             try:
                 if on_send is not None:
                     on_send()
@@ -194,6 +253,8 @@ class HttpClient:
                 reason = type(err).__name__
             else:
                 status = response.status_code
+                if status == 429:
+                    _count(rate_limited=1)
                 if last:
                     kind = RateLimited if status == 429 else HttpError
                     raise kind(
