@@ -26,14 +26,16 @@ are mapped to the root's by comparing them with the root's names, dots made unde
 LyCORIS (LoHa `hada_w1_a`, LoKr `lokr_w1`, LoCon's Tucker `lora_mid`, OFT) is not a product of two
 factors: refused with its kind named.
 
-Layer names (stable keys for Parquet partitions and expert configs):
-  LoRA tensors -> their module path in the base model (without `base_model.model.`; a diffusers
-  denoiser's `unet.` / `transformer.` dropped, so they match the root's unet tensors; other
-  components keep their prefix, `text_encoder.`);
-  any other tensor -> its tensor name (`_blocks.15._project_conv.weight`), also stripped of
-  `base_model.model.` (a head saved inside an adapter file).
-`LoraFactors.base_tensor` gives the base-model tensor a LoRA module modifies (`<module>.weight`),
-to line LoRA children up with their root's full weights.
+Module names (`LoraPair.module`, `LoraFactors.module`, the crawl's adapter signature): the module
+path in the base model (without `base_model.model.`; a diffusers denoiser's `unet.` /
+`transformer.` dropped, so they match the root's unet tensors; other components keep their prefix,
+`text_encoder.`); kohya keys mapped to the root's modules.
+
+Layer names (Parquet partitions, candidate layers, expert configs) are the ROOT's tensor names,
+whatever the child's format, so one tree's full fine-tunes, adapters and dequantized copies share
+them: a LoRA module changes `<module>.weight` (`LoraFactors.base_tensor`), matched to the root's
+names by `module_layers` / `match_layers` (a leading prefix may differ: PEFT wraps the task model,
+`bert.encoder...`, a root may be saved with `model.`). `layer_name` gives a tensor's own name.
 """
 
 from __future__ import annotations
@@ -220,9 +222,59 @@ def parse_lora_key(tensor_name: str) -> tuple[str, str] | None:
 
 
 def layer_name(tensor_name: str) -> str:
-    """The stable layer name of a tensor (see the module docstring)."""
+    """The layer a tensor of an adapter file belongs to, named as the root names it: a LoRA
+    factor's `<module>.weight`, any other tensor its name without `base_model.model.`."""
     parsed = parse_lora_key(tensor_name)
-    return parsed[0] if parsed else strip_prefix(tensor_name)
+    return f"{parsed[0]}.weight" if parsed else strip_prefix(tensor_name)
+
+
+WEIGHT = ".weight"
+
+
+def _prefixed(a: str, b: str) -> bool:
+    """`a` is `b` with leading module names (`model.layers.0.q` and `layers.0.q`)."""
+    return a.endswith("." + b)
+
+
+def match_layers(layers: Iterable[str], modules: Iterable[str]) -> dict[str, str]:
+    """layer (a root tensor name) -> the LoRA module that changes it, for each layer some module
+    changes. A module changes `<module>.weight`; when no module is named exactly so, one whose
+    path differs by leading names (either side carries a prefix the other lacks) counts if it is
+    the only one. A layer that is itself a module name (shards and trees planned before layers
+    were named by the root's tensors) maps to that module."""
+    mods = set(modules)
+    out = {}
+    for layer in layers:
+        if layer in mods:  # a module path: the names of earlier releases
+            out[layer] = layer
+            continue
+        if not layer.endswith(WEIGHT):
+            continue
+        base = layer[: -len(WEIGHT)]
+        if base in mods:
+            out[layer] = base
+            continue
+        near = [m for m in mods if _prefixed(base, m) or _prefixed(m, base)]
+        if len(near) == 1:
+            out[layer] = near[0]
+    return out
+
+
+def module_layers(modules: Iterable[str], root_names: Iterable[str] | None = None) -> dict[str, str]:
+    """LoRA module -> the layer it changes: the root's tensor name when `root_names` are known
+    (see `match_layers`), else `<module>.weight`."""
+    modules = list(modules)
+    found = {}
+    if root_names is not None:
+        # exact names first, so a prefix match never takes a name another module owns exactly
+        names = [n for n in root_names if n.endswith(WEIGHT)]
+        exact = {n[: -len(WEIGHT)] for n in names} & set(modules)
+        found = {m: f"{m}{WEIGHT}" for m in exact}
+        rest = [m for m in modules if m not in exact]
+        taken = {f"{m}{WEIGHT}" for m in exact}
+        for layer, m in match_layers([n for n in names if n not in taken], rest).items():
+            found.setdefault(m, layer)
+    return {m: found.get(m, f"{m}{WEIGHT}") for m in modules}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ picklable `storage.sources.RepoOpener`: a folder, an endpoint) and names, never 
 wanted tensors' byte ranges, and writes the shard files itself. A file that is corrupt (truncated,
 lying header, NaN/Inf) or whose layer does not fit its tree is reported as quarantined with its
 reason, never raised: one bad model must not stop a run.
+
+A layer is named by the root's tensor name (`model.layers.3.self_attn.q_proj.weight`) whatever the
+child's format: a full fine-tune's tensor of that name, the LoRA module of any adapter format that
+changes it (`storage.adapters.match_layers`), or a quantized copy's weight dequantized. The shard
+row's `kind` says which (dense / lora / dequantized) and `read_from` names the child's tensors.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ import numpy as np
 from probex_core.routing import is_head
 from storage.adapters import (
     PEFT,
+    WEIGHT,
+    AdapterError,
     LoraAdapterConfig,
     adapter_format,
     looks_like_adapter,
     lora_modules,
+    match_layers,
+    module_layers,
     parse_adapter_config,
     read_adapter_factors,
 )
@@ -52,7 +61,7 @@ class ExtractJob:
     opener: RepoOpener  # opens the repo's files at its sha, on the worker
     tree_id: str
     files: tuple[str, ...]  # the repo's file names
-    layers: tuple[str, ...]  # layer names to extract (tensor names, or LoRA module paths)
+    layers: tuple[str, ...]  # layer names to extract: the root's tensor names (module paths: older plans)
     shards_root: str
     expected_shapes: tuple[tuple[str, tuple[int, int]], ...] = ()  # (layer, (d_H, d_W)) of the tree
 
@@ -116,16 +125,24 @@ def _extract_adapter(job: ExtractJob, res: ExtractResult, filename: str, src: By
     try:
         header = header or read_header(src)
         config = _adapter_config(job, res, adapter_format(header.tensors))
-        factors = read_adapter_factors(src, job.layers, header, config)
-        pairs = lora_modules(header.tensors, job.layers)
+        # the wanted layers are the root's tensor names: kohya keys are matched to their modules
+        root_modules = [l.removesuffix(WEIGHT) for l in job.layers]
+        pairs = lora_modules(header.tensors, root_modules)
+        module_of = match_layers(job.layers, pairs)
+        if missing := [l for l in job.layers if l not in module_of]:
+            raise AdapterError("missing_factor", f"{src.name} has no LoRA factors for layer {missing[0]!r} "
+                               f"(none of its {len(pairs)} modules changes it)")
+        modules = list(dict.fromkeys(module_of.values()))
+        factors = read_adapter_factors(src, modules, header, config, root_modules=root_modules)
         res.bytes_needed += header.bytes_needed(
-            [n for m in job.layers for n in (pairs[m].a_name, pairs[m].b_name, pairs[m].alpha_name) if n])
+            [n for m in modules for n in (pairs[m].a_name, pairs[m].b_name, pairs[m].alpha_name) if n])
         res.bytes_in_files += header.file_size or 0
     finally:
         res.bytes_read += src.bytes_read
         src.close()
     rows = []
-    for layer, f in factors.items():
+    for layer, module in module_of.items():
+        f, pair = factors[module], pairs[module]
         check_finite(layer + ".lora_A", f.A)
         check_finite(layer + ".lora_B", f.B)
         # A transposed adapter (fan_in_fan_out) stores delta^T; keep rows as out x in.
@@ -133,7 +150,8 @@ def _extract_adapter(job: ExtractJob, res: ExtractResult, filename: str, src: By
         shape = (B.shape[0], A.shape[1])
         _check_shape(job, layer, shape)
         rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "lora", shape, shape, "F32",
-                             0, A=A, B=B, rank=int(A.shape[0]), scale=float(f.scale)))
+                             0, A=A, B=B, rank=int(A.shape[0]), scale=float(f.scale),
+                             read_from=[n for n in (pair.a_name, pair.b_name, pair.alpha_name) if n]))
     return rows
 
 
@@ -182,7 +200,8 @@ def _extract_full(job: ExtractJob, res: ExtractResult, layout: RepoLayout | None
         X = as_matrix(arr)
         _check_shape(job, layer, X.shape)
         rows.append(LayerRow(job.tree_id, layer, loc.repo_id, loc.sha, "dequantized" if plan.dequantized else "dense",
-                             X.shape, tuple(arr.shape), read.dtype(plan.weight) or "F32", 0, X=X))
+                             X.shape, tuple(arr.shape), read.dtype(plan.weight) or "F32", 0, X=X,
+                             read_from=list(plan.tensors)))
     return rows
 
 
@@ -235,14 +254,25 @@ def header_shapes(loc: RepoOpener, files: tuple[str, ...]) -> tuple[dict[str, tu
 
 
 def model_layer_shapes(loc: RepoOpener, files: tuple[str, ...],
-                       root_modules: Iterable[str] | None = None) -> tuple[dict[str, tuple[int, int]], bool]:
-    """The layers one model offers, as (d_H, d_W), and whether it is an adapter (then its layers
-    are LoRA modules; kohya's named after `root_modules`). A single safetensors file of no telling
-    name is told apart by its header."""
+                       root_shapes: dict[str, tuple[int, ...]] | None = None
+                       ) -> tuple[dict[str, tuple[int, int]], bool]:
+    """The layers one model offers, as (d_H, d_W), named by the root's tensors, and whether it is
+    an adapter. An adapter offers the root tensors its LoRA modules change (`root_shapes`: the
+    root's header, when readable; else `<module>.weight`), in the root's orientation (a
+    fan_in_fan_out or embedding LoRA changes an `in x out` weight). A single safetensors file of no
+    telling name is told apart by its header."""
     shapes, _ = header_shapes(loc, files)
     kind = weight_files(files).kind
     if kind in ("peft", "lora") or (kind == "single" and looks_like_adapter(shapes)):
-        return adapter_layer_shapes(shapes, root_modules), True
+        roots = root_shapes or {}
+        root_modules = [n.removesuffix(WEIGHT) for n in roots if n.endswith(WEIGHT)] if root_shapes else None
+        modules = adapter_layer_shapes(shapes, root_modules)
+        out = {}
+        for module, layer in module_layers(modules, roots if root_shapes else None).items():
+            d_h, d_w = modules[module]
+            root = matrix_shape(tuple(roots.get(layer, ())))
+            out[layer] = (d_w, d_h) if root == (d_w, d_h) and d_w != d_h else (d_h, d_w)
+        return out, True
     return {n: m for n, s in shapes.items() if (m := matrix_shape(s)) is not None}, False
 
 

@@ -10,9 +10,12 @@ killed worker leaves no half shard that looks whole. Plain pyarrow, DuckDB
 (`read_parquet('shards/**/*.parquet', hive_partitioning=true)`) and polars read them, on disk or
 on the object store.
 
-A row holds either a dense matrix `X` (kind "dense", d_H x d_W, row-major) or LoRA factors
-(kind "lora": `A` r x d_W, `B` d_H x r, and `scale`, so X = scale * B @ A), flattened into float32
-lists with their shapes beside them.
+A row holds either a dense matrix `X` or LoRA factors (`A` r x d_W, `B` d_H x r, and `scale`, so
+X = scale * B @ A), flattened into float32 lists with their shapes beside them. `layer` is the
+root's tensor name, whatever the child's format; `kind` says how the row was obtained: "dense" (the
+child's own tensor), "lora" (an adapter's factors, any format, kept unmultiplied) or "dequantized"
+(a quantized copy's weight with its scales applied); `read_from` names the child's tensors read.
+Shards written before `read_from` existed read back with it null.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ SHARD_SCHEMA = pa.schema(
         ("layer", pa.string()),
         ("repo_id", pa.string()),
         ("sha", pa.string()),
-        ("kind", pa.string()),  # "dense" | "lora"
+        ("kind", pa.string()),  # "dense" | "lora" | "dequantized": how the child's row was obtained
         ("shape", pa.list_(pa.int64())),  # the layer's matrix shape [d_H, d_W]
         ("source_shape", pa.list_(pa.int64())),  # as stored (e.g. a 4-D conv kernel)
         ("dtype", pa.string()),  # as stored: F32 | F16 | BF16
@@ -45,6 +48,7 @@ SHARD_SCHEMA = pa.schema(
         ("A", pa.list_(pa.float32())),  # lora: r * d_W
         ("B", pa.list_(pa.float32())),  # lora: d_H * r
         ("bytes_read", pa.int64()),  # bytes this model's extraction read for this layer
+        ("read_from", pa.list_(pa.string())),  # the child's tensors (factors, scales, weight) read
     ]
 )
 
@@ -65,6 +69,7 @@ class LayerRow:
     B: np.ndarray | None = None
     rank: int | None = None
     scale: float | None = None
+    read_from: list[str] | None = None
 
     def to_table(self) -> pa.Table:
         """A one-row table; tensors go in as flat float32 lists without a Python-level copy."""
@@ -79,7 +84,7 @@ class LayerRow:
             "sha": [self.sha], "kind": [self.kind], "shape": [list(self.shape)],
             "source_shape": [list(self.source_shape)], "dtype": [self.dtype], "rank": [self.rank],
             "scale": [self.scale], "X": tensor(self.X), "A": tensor(self.A), "B": tensor(self.B),
-            "bytes_read": [self.bytes_read],
+            "bytes_read": [self.bytes_read], "read_from": [self.read_from],
         }
         return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
                          else cols[f.name] for f in SHARD_SCHEMA}, schema=SHARD_SCHEMA)
@@ -153,6 +158,7 @@ def read_layer(root: str | os.PathLike, tree_id: str, layer: str,
                 tree_id=r["tree_id"], layer=r["layer"], repo_id=r["repo_id"], sha=r["sha"],
                 kind=r["kind"], shape=(d_h, d_w), source_shape=tuple(r["source_shape"]),
                 dtype=r["dtype"], bytes_read=r["bytes_read"], rank=rank, scale=r["scale"],
+                read_from=r["read_from"],
                 X=None if X is None else X.reshape(d_h, d_w),
                 A=None if A is None else A.reshape(rank, d_w),
                 B=None if B is None else B.reshape(d_h, rank),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 
 from storage.extract import (
     ExtractJob,
@@ -16,7 +17,7 @@ from storage.extract import (
     header_shapes,
     model_layer_shapes,
 )
-from storage.records import repo_files
+from storage.records import is_adapter, repo_files
 from storage.shards import has_shard
 from storage.safetensors_reader import TensorReadError
 from storage.sources import Source
@@ -144,19 +145,24 @@ def retry_quarantined(row: dict) -> bool:
 
 
 def plan_candidate_layers(source: Source, models: list[dict], tree_id: str) -> dict[str, tuple[int, int]]:
-    """The layers a tree offers: shared by a sample of its children (same name and matrix shape),
-    heads excluded; for full fine-tunes only those fine-tuning changed relative to the root."""
+    """The layers a tree offers, named by the root's tensors: shared by a sample of its children
+    (same name and matrix shape; a full fine-tune offers its tensors, an adapter of any format the
+    root tensors its modules change), heads excluded; when a full fine-tune is sampled, only those
+    it changed relative to the root."""
     # any readable status: an adapter or pipeline without config.json is as readable as any
     members = [r for r in tree_members(models, tree_id) if r["status"] != "quarantined"]
-    members.sort(key=lambda r: r["repo_id"])
+    # adapters and full fine-tunes taken in turn: a mixed tree's sample holds both kinds, so its
+    # candidates are layers both offer, not full-model layers no adapter changes
+    kinds = [sorted((r for r in members if is_adapter(r) == a), key=lambda r: r["repo_id"]) for a in (False, True)]
+    members = [r for pair in zip_longest(*kinds) for r in pair if r is not None]
     root = next((r for r in models if r["repo_id"] == tree_id), None)
-    root_modules = _root_modules(source, root)
+    root_shapes = _root_shapes(source, root)
     samples, sample_rows, adapters = [], [], []
     for row in members:
         if len(samples) == SAMPLE_CHILDREN:
             break
         try:
-            shapes, adapter = model_layer_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row), root_modules)
+            shapes, adapter = model_layer_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row), root_shapes)
         except (TensorReadError, OSError):
             continue
         samples.append(shapes)
@@ -165,27 +171,29 @@ def plan_candidate_layers(source: Source, models: list[dict], tree_id: str) -> d
     if not samples:
         return {}
     changed = None
-    if root is not None and not adapters[0] and root["files"]:
+    # what a full fine-tune changed: its values against the root's (an adapter changes only what it adapts)
+    full = next((i for i, a in enumerate(adapters) if not a), None)
+    if root is not None and full is not None and root["files"]:
         names = sorted(candidate_layers(samples, limit=10_000))
         try:
             changed = changed_layers(source.opener(tree_id, root["sha"]),
-                                     source.opener(sample_rows[0]["repo_id"], sample_rows[0]["sha"]),
-                                     repo_files(root), repo_files(sample_rows[0]), names)
+                                     source.opener(sample_rows[full]["repo_id"], sample_rows[full]["sha"]),
+                                     repo_files(root), repo_files(sample_rows[full]), names)
         except (TensorReadError, OSError, KeyError):
             changed = None
     return candidate_layers(samples, changed)
 
 
-def _root_modules(source: Source, root: dict | None) -> list[str] | None:
-    """The root's module paths (tensor names without `.weight`), which kohya LoRA keys are matched
-    against; None when the root is not readable here."""
+def _root_shapes(source: Source, root: dict | None) -> dict[str, tuple[int, ...]] | None:
+    """The root's tensor names and shapes, which name every child's layers (kohya keys and PEFT
+    module paths are matched against them); None when the root is not readable here."""
     if root is None or not root.get("files"):
         return None
     try:
         shapes, _ = header_shapes(source.opener(root["repo_id"], root["sha"]), repo_files(root))
     except (TensorReadError, OSError):
         return None
-    return [n.removesuffix(".weight") for n in shapes if n.endswith(".weight")]
+    return shapes
 
 
 def jobs_for_tree(source: Source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],

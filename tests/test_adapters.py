@@ -15,6 +15,8 @@ from storage.adapters import (
     get_pattern_key,
     layer_name,
     lora_modules,
+    match_layers,
+    module_layers,
     parse_adapter_config,
     parse_lora_key,
     read_lora_factors,
@@ -124,8 +126,9 @@ def test_names_with_adapter_name_and_layer_names(tmp_path):
         "A",
     )
     assert parse_lora_key("base_model.model.x.lora_B.default.bias") is None
+    # the layer a factor belongs to is named as the root names the weight it changes
     assert layer_name("base_model.model.encoder.layer.4.attention.self.query.lora_B.default.weight") == (
-        "encoder.layer.4.attention.self.query"
+        "encoder.layer.4.attention.self.query.weight"
     )
     assert layer_name("_blocks.15._project_conv.weight") == "_blocks.15._project_conv.weight"
     assert layer_name("base_model.model.classifier.weight") == "classifier.weight"
@@ -391,3 +394,50 @@ def test_lycoris_is_refused_with_its_kind(tmp_path, kind, keys):
     with pytest.raises(AdapterError) as err:
         read_adapter_factors(LocalFile(tmp_path / "l.safetensors"), [UNET_MODULES[0]])
     assert err.value.reason == f"{kind}_unsupported" and "LyCORIS" in err.value.message
+
+
+def test_modules_are_named_by_the_roots_tensors_whatever_the_prefix():
+    """PEFT wraps the model it adapts (`base_model.model.` + the task model's paths, `bert.` for a
+    BertFor* model), roots are saved with or without their task prefix: a module's layer is the
+    root tensor it changes, matched exactly first, else by a unique prefix difference."""
+    root = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.1.self_attn.q_proj.weight", "lm_head.weight", "model.embed_tokens.weight"]
+    mods = ["model.layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "embed_tokens"]
+    assert module_layers(mods, root) == {"model.layers.0.self_attn.q_proj": "model.layers.0.self_attn.q_proj.weight",
+                                         "layers.1.self_attn.q_proj": "model.layers.1.self_attn.q_proj.weight",
+                                         "embed_tokens": "model.embed_tokens.weight"}
+    assert module_layers(["bert.encoder.layer.0.attention.self.query"], ["encoder.layer.0.attention.self.query.weight"]) == {
+        "bert.encoder.layer.0.attention.self.query": "encoder.layer.0.attention.self.query.weight"}
+    assert module_layers(["x.q"]) == {"x.q": "x.q.weight"}  # no root known: the module's own weight
+    # two modules a prefix apart from one name: neither is guessed
+    assert match_layers(["q.weight"], ["a.q", "b.q"]) == {}
+    assert match_layers(["enc.q.weight", "enc.k.weight", "enc.q"], ["enc.q"]) == {"enc.q.weight": "enc.q", "enc.q": "enc.q"}
+
+
+def test_an_adapters_layers_are_the_roots_tensors_in_the_roots_orientation(tmp_path):
+    """What planning offers for an adapter: the root tensors its modules change, shaped as the
+    root stores them (an embedding LoRA changes a num_embeddings x dim weight), and what
+    extraction then reads for those names equals peft's merge."""
+    from storage.extract import ExtractJob, extract_model, model_layer_shapes
+    from storage.shards import read_layer
+    from storage.sources import LocalOpener
+
+    deltas, _ = build_and_save(tmp_path / "child", CONFIGS["plain"])
+    torch.manual_seed(0)
+    root = {k: v.contiguous() for k, v in Tiny().state_dict().items()}
+    root_shapes = {k: tuple(v.shape) for k, v in root.items()}
+    opener = LocalOpener("org/child", "0" * 40, str(tmp_path / "child"))
+    files = ("adapter_config.json", "adapter_model.safetensors")
+    shapes, adapter = model_layer_shapes(opener, files, root_shapes)
+    assert adapter and shapes["embed.weight"] == (20, 12) and shapes["conv.weight"] == (8, 27)
+    assert shapes["encoder.layer.0.attention.self.value.weight"] == (24, 12)
+    assert set(shapes) == {f"{m}.weight" for m in deltas if m in {"embed", "conv", "pw"} or "attention" in m}
+    res = extract_model(ExtractJob(opener, "org/root", files, ("embed.weight", "conv.weight"), str(tmp_path / "shards"),
+                                   tuple((l, shapes[l]) for l in ("embed.weight", "conv.weight"))))
+    assert res.status == "ok", res.reason
+    for layer in ("embed.weight", "conv.weight"):
+        (row,) = read_layer(tmp_path / "shards", "org/root", layer)
+        np.testing.assert_allclose(row.scale * row.B @ row.A, as_matrix(deltas[layer.removesuffix(".weight")]),
+                                   rtol=0, atol=2e-5)
+    res = extract_model(ExtractJob(opener, "org/root", files, ("lm_head.weight",), str(tmp_path / "shards")))
+    assert res.status == "quarantined" and "no LoRA factors for layer 'lm_head.weight'" in res.reason

@@ -3,6 +3,7 @@ library that wrote them, integer packings refused with their method named, dtype
 not know refused for that layer only."""
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,12 +229,18 @@ def test_kohya_and_diffusers_loras_extract_as_factors(tmp_path):
     k.mkdir()
     deltas = kohya_file(k / "my_style_v2.safetensors", dict.fromkeys(UNET_MODULES, 2.0))
     (k / "README.md").write_text("---\nbase_model: org/root\ntags: [lora]\n---\n")
-    res, rows = extract(tmp_path, LocalOpener("org/kohya", SHA, str(k)), layers=UNET_MODULES)
+    layers = [f"{m}.weight" for m in UNET_MODULES]  # the root's unet tensors
+    res, rows = extract(tmp_path, LocalOpener("org/kohya", SHA, str(k)), layers=layers)
     assert res.status == "ok", res.reason
-    for m in UNET_MODULES:
-        row = rows[m]
+    for m, layer in zip(UNET_MODULES, layers):
+        row = rows[layer]
         assert row.kind == "lora" and row.scale == 0.5 and row.rank == 4
+        assert row.read_from == [f"lora_unet_{m.replace('.', '_')}.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha")]
         np.testing.assert_allclose(row.scale * row.B @ row.A, deltas[m], rtol=1e-5, atol=1e-5)
+    # trees planned before layers were named by the root's tensors still ask for module paths
+    res, old = extract(tmp_path, LocalOpener("org/kohya", SHA, str(k)), layers=UNET_MODULES)
+    assert res.status == "ok" and set(old) == set(UNET_MODULES)
+    np.testing.assert_array_equal(old[UNET_MODULES[0]].A, rows[layers[0]].A)
 
     d = tmp_path / "diffusers"
     d.mkdir()
@@ -313,10 +320,131 @@ def test_lora_trees_without_config_and_repos_without_safetensors(tmp_path):
 
     models = list(rows.values())
     layers = plan_candidate_layers(source, models, "sd/root")
-    assert set(UNET_MODULES) <= set(layers)
-    jobs = jobs_for_tree(source, models, "sd/root", {m: layers[m] for m in UNET_MODULES}, str(tmp_path / "shards"))
+    unet_layers = [f"{m}.weight" for m in UNET_MODULES]  # the root's unet tensor names
+    assert set(unet_layers) <= set(layers)
+    jobs = jobs_for_tree(source, models, "sd/root", {m: layers[m] for m in unet_layers}, str(tmp_path / "shards"))
     assert sorted(j.opener.repo_id for j in jobs) == ["sd/diffusers-lora", "sd/kohya-lora"]  # no pickle, no GGUF
     for job in jobs:
         res = extract_model(job)
-        assert res.status == "ok" and sorted(res.layers) == sorted(UNET_MODULES), res.reason
+        assert res.status == "ok" and sorted(res.layers) == sorted(unet_layers), res.reason
     assert not marker.exists()
+
+
+# --- one layer name per tree, whatever the child's format ------------------------------------------
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.v_proj = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, d, bias=False)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn = _Attn(d)
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(d), _Layer(d)])
+
+
+class TinyLM(torch.nn.Module):
+    """Llama's tensor names (`model.layers.<i>.self_attn.q_proj.weight`, `lm_head.weight`)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.model, self.lm_head = _Inner(d), torch.nn.Linear(d, 10, bias=False)
+
+
+def _peft_child(folder: Path, root_sd: dict, target, seed: int, base_name: str | None = None) -> dict[str, np.ndarray]:
+    """A PEFT LoRA saved by peft itself on `target` (the whole model, or its inner `model`, whose
+    module paths then lack the `model.` prefix); returns peft's merged deltas by root tensor name."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lm = TinyLM()
+    lm.load_state_dict(root_sd)
+    inner = lm if target == "whole" else lm.model
+    peft_model = get_peft_model(inner, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(str(folder))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": base_name}))
+    merged = peft_model.merge_and_unload()
+    prefix = "" if target == "whole" else "model."
+    return {prefix + k: (v - root_sd[prefix + k]).numpy() for k, v in merged.state_dict().items()}
+
+
+def test_a_tree_of_every_format_names_its_layers_by_the_roots_tensors(tmp_path):
+    """Full fine-tune, PEFT adapters (one saved on the whole model, one on its inner module: no
+    `model.` prefix, lineage only in adapter_config.json) and an FP8 copy: `probex extract --tree
+    T --layers <root tensor>` reads that layer from every child, each row saying how."""
+    from minilake import T0, card, write_repo
+    from typer.testing import CliRunner
+
+    from probex.cli import app
+    from storage.catalog import MODELS, Catalog
+
+    lake, home = tmp_path / "lake", tmp_path / "home"
+    torch.manual_seed(0)
+    root_sd = {k: v.detach().clone() for k, v in TinyLM().state_dict().items()}
+    child = lambda rel: card(f"base_model: llm/root\nbase_model_relation: {rel}\nlabels: [cat]")
+    write_repo(lake, "llm/root", {"README.md": card("license: mit"), "config.json": {}}, t=T0)
+    save_file(root_sd, str(lake / "llm/root/model.safetensors"))
+
+    full_sd = {k: v + 0.1 * torch.randn_like(v) for k, v in root_sd.items()}
+    write_repo(lake, "llm/full-ft", {"README.md": child("finetune"), "config.json": {}}, t=T0 + 60)
+    save_file(full_sd, str(lake / "llm/full-ft/model.safetensors"))
+
+    deltas = {}
+    for i, (name, target, base) in enumerate([("peft", "whole", None), ("peft-bare", "inner", "llm/root")]):
+        folder = lake / "llm" / name
+        deltas[name] = _peft_child(folder, root_sd, target, seed=10 + i, base_name=base)
+        front = child("adapter") if base is None else "labels: [dog]"  # no card lineage: adapter_config.json's
+        write_repo(lake, f"llm/{name}", {"README.md": card(front)}, t=T0 + 120 + 60 * i)
+        for f in folder.iterdir():
+            os.utime(f, (T0 + 120 + 60 * i,) * 2)
+
+    fp8 = {}  # compressed-tensors FP8, one scale per tensor, of the root plus an update
+    for k, v in root_sd.items():
+        if "self_attn" in k:
+            w = v + 0.1 * torch.randn_like(v)
+            s = (w.abs().max() / torch.finfo(torch.float8_e4m3fn).max).reshape(1)
+            fp8[k], fp8[k.removesuffix(".weight") + ".weight_scale"] = (w / s).to(torch.float8_e4m3fn), s
+        else:
+            fp8[k] = v
+    write_repo(lake, "llm/fp8", {"README.md": child("quantized"), "config.json": {
+        "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}}}, t=T0 + 300)
+    save_file(fp8, str(lake / "llm/fp8/model.safetensors"))
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["crawl", "--source", str(lake), "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {m["repo_id"]: m for m in Catalog(str(home / "catalog")).read(MODELS).to_pylist()}
+    assert {m: rows[m]["tree_id"] for m in rows} == dict.fromkeys(rows, "llm/root")
+    assert rows["llm/peft-bare"]["lineage_source"] == "adapter_config"
+
+    layer = "model.layers.1.self_attn.q_proj.weight"
+    r = runner.invoke(app, ["extract", "--tree", "llm/root", "--layers", layer, "--workers", "1",
+                            "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["quarantined"] == [] and doc["extracted"] == 4 and doc["layers"] == {"llm/root": [layer]}
+    got = {row.repo_id: row for row in read_layer(home / "shards", "llm/root", layer)}
+    assert {m: got[m].kind for m in got} == {"llm/full-ft": "dense", "llm/peft": "lora", "llm/peft-bare": "lora",
+                                             "llm/fp8": "dequantized"}
+    np.testing.assert_array_equal(got["llm/full-ft"].X, full_sd[layer].numpy())
+    for name in ("peft", "peft-bare"):
+        row = got[f"llm/{name}"]
+        assert row.rank == 2 and row.read_from[0].endswith("q_proj.lora_A.weight")
+        np.testing.assert_allclose(row.scale * row.B @ row.A, deltas[name][layer], rtol=1e-5, atol=1e-6)
+    scale_name = layer.removesuffix(".weight") + ".weight_scale"
+    np.testing.assert_array_equal(got["llm/fp8"].X, fp8[layer].float().numpy() * fp8[scale_name].numpy())
+    assert got["llm/fp8"].read_from == [layer, scale_name] and got["llm/full-ft"].read_from == [layer]
+
+    # the tree's candidates are the root's tensors every format offers
+    tree = Catalog(str(home / "catalog")).tree("llm/root")
+    assert set(tree["candidate_layers"]) == {f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj")}
