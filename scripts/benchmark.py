@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
 BENCH = Path(os.environ.get("PROBEX_BENCH_DIR", "/tmp/probex-bench"))
 STORE = ROOT / "docs" / "bench"
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -499,7 +499,25 @@ def bench_micro() -> None:
                    "card_parse": parse})
 
 
-SECTIONS = {"lake": None, "micro": bench_micro, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+def bench_scale() -> None:
+    """Issue 18: a nightly of 1,000 new repos into catalogs of 10k, 100k and 1M rows (time and
+    peak memory, each in a fresh process), the catalog's disk over 30 maintained nightlies, and
+    search latency at 1M embedding rows (needs the `train` section's catalog)."""
+    import bench_scale
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    doc = bench_scale.bench(BENCH, log=log)
+    save("scale", doc)
+    doc["disk"] = bench_scale.disk_over_runs(BENCH, log=log)
+    save("scale", doc)
+    if (BENCH / "train").exists():
+        doc["latency_1m"] = _latency(1_000_000)
+        save("scale", doc)
+    else:
+        log("[bench] scale: no search latency (run the `train` section first)")
+
+
+SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
             "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
@@ -523,7 +541,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
-        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines")]:
+        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines", "scale")]:
             if name == "lake":
                 bench_lake(args.sizes, args.reuse)
             else:

@@ -269,6 +269,39 @@ def seeds(doc: dict) -> list[str]:
                            "per seed (0, 1, ...)", "mean mAP"], rows)
 
 
+def scale(doc: dict) -> list[str]:
+    lines = ["## Scale (issue 18)", _machine(doc), "",
+             f"A nightly that finds {doc['new']} new repos on the simulated Hub (`tests/hubserver.py`, "
+             f"{doc['trees']} trees at every size) and crawls them over loopback HTTP, plans, extracts one "
+             "8x8 layer of each on 2 Dask workers and embeds them, in a fresh process, into catalogs "
+             "seeded with the rows, plans, experts (untrained) and embeddings a crawl of that many repos "
+             "leaves (`scripts/bench_scale.py` says how). Targets: time and peak memory at 1M <= 1.5x "
+             "those at 10k.", ""]
+    rows = []
+    for size, d in doc["sizes"].items():
+        st = d["stages"]
+        rows.append([size, d["seconds"], st["crawl"], st["plan"], st["extract"], st["embed"], d["rss"]["peak_mb"],
+                     d["new"], d["extracted"], d["embedded"], d["requests"]["info"]["served"] +
+                     d["requests"]["list"]["served"] + d["requests"]["resolve"]["served"]])
+    lines += _table(["catalog rows", "nightly s", "crawl s", "plan s", "extract s", "embed s", "peak MB",
+                     "new", "extracted", "embedded", "requests"], rows)
+    lines += ["", f"1M vs 10k: time {_f(doc['time_ratio'], 2)}x, peak memory {_f(doc['memory_ratio'], 2)}x "
+                  "(targets <= 1.5x each).", ""]
+    if "disk" in doc:
+        dk = doc["disk"]
+        lines += [f"Catalog disk over {dk['runs']} nightlies of {dk['new_per_run']} repos into the {dk['size']:,}-row "
+                  f"catalog, `maintain` after each: {dk['bytes'][0] / 2**20:.1f} MiB after the first, "
+                  f"{dk['bytes'][-1] / 2**20:.1f} MiB after the last ({_f(dk['ratio_last_to_first'], 2)}x; "
+                  "target <= 1.2x).", ""]
+    if "latency_1m" in doc:
+        lat = doc["latency_1m"]
+        lines += [f"Search at {lat['rows']:,} embedding rows (IVF_PQ built in {_f(lat['index_build_s'], 1)} s):", ""]
+        lines += _table(["measure", "p50 ms", "p95 ms", "target p50"],
+                        [["search()", lat["search_p50_ms"], lat["search_p95_ms"], "< 50"],
+                         ["vector search alone", lat["vector_p50_ms"], lat["vector_p95_ms"], "< 10"]])
+    return lines
+
+
 def micro(doc: dict) -> list[str]:
     lines = ["## Small costs (issue 16: moved here from timed tests)", _machine(doc), "",
              "ProbeX forward on 64 LoRA rows of 384x384 at rank 8, factored (never forming X) vs the "
@@ -289,7 +322,7 @@ def design_notes(doc: dict) -> list[str]:
 
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
-            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("micro", micro), ("design_notes", design_notes)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("micro", micro), ("design_notes", design_notes)]
 
 
 def render(store: Path) -> str:

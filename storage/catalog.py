@@ -35,7 +35,9 @@ EMBEDDING_KEY = ["repo_id", "sha", "expert_version"]
 WATERMARK_KEY = ["source"]
 # Filtered columns per table: BTREE for keys of many values, BITMAP for a handful (status).
 SCALAR_INDEXES = {
-    MODELS: {"repo_id": "btree", "tree_id": "btree", "status": "bitmap"},
+    # last_modified: a nightly's window; parent: a crawl's descendants of a repo whose lineage moved
+    MODELS: {"repo_id": "btree", "tree_id": "btree", "status": "bitmap", "last_modified": "btree",
+             "parent": "btree"},
     TREES: {"tree_id": "btree"},
 }
 ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares

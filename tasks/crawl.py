@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from probex_core.lineage import RELATION_INFERRED, infer_relation, place, repo_key
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
@@ -208,8 +209,7 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
         route_by_weights(source, catalog, current, to_route, summary)
     if superseded or touched:  # nothing new: no table is read again or written
         catalog.upsert_models(superseded + touched)
-        summary.per_tree = refresh_trees(catalog, {r.get("tree_id") for r in existing} |
-                                         {r.get("tree_id") for r in touched})
+        summary.per_tree = update_tree_counts(catalog, count_changes(existing, superseded + touched))
     count_outcomes(current, fresh, summary)
     move_watermark(catalog, source, records, limit, until, advance_watermark, summary)
     summary.seconds = time.perf_counter() - t0
@@ -485,25 +485,56 @@ def move_watermark(catalog: Catalog, source: Source, records: list[ModelRecord],
     summary.watermark = wm.isoformat() if wm else None
 
 
-def changed_since(catalog: Catalog, since: datetime) -> tuple[str, list[str]]:
-    """(filter, trees) for the models a crawl from `since` listed, and the models an earlier run's
-    crashed worker left to read again: what a nightly extracts and embeds."""
-    since = since.replace(tzinfo=timezone.utc) if since.tzinfo is None else since
-    stamp = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
-    where = (f"status != 'superseded' AND (last_modified >= TIMESTAMP '{stamp}' OR "
-             "(status = 'quarantined' AND reason LIKE 'worker_failed%'))")
-    found = catalog.read(MODELS, where=f"{where} AND tree_id IS NOT NULL", columns=["tree_id"])
-    return where, sorted(set(found.column("tree_id").to_pylist())) if found.num_rows else []
+def _kind(row: dict) -> str:
+    """The trees table's count a (non-root) model adds to."""
+    if is_adapter(row) or row["relation"] == "adapter":
+        return "n_adapter"
+    return "n_finetune" if row["relation"] in (None, "finetune") else "n_other"
 
 
+def count_changes(existing: list[dict], written: list[dict]) -> Counter:
+    """{(tree, count column): change} the written rows make: each counts -1 as it was stored (when
+    it counted) and +1 as it is written; rows not written change nothing."""
+    before = {(r["repo_id"], r["sha"]): r for r in existing}
+    delta: Counter = Counter()
+    for row in written:
+        for r, sign in ((before.get((row["repo_id"], row["sha"])), -1), (row, 1)):
+            if r is not None and r.get("tree_id") and r["status"] != "superseded":
+                delta[(r["tree_id"], "n_models")] += sign
+                if r["repo_id"] != r["tree_id"]:
+                    delta[(r["tree_id"], _kind(r))] += sign
+    return delta
+
+
+def update_tree_counts(catalog: Catalog, delta: Counter) -> dict[str, int]:
+    """Add `delta` to the stored counts of the trees it names (a new tree starts at zero), keeping
+    their expert columns: a crawl reads and writes only those trees' rows. Returns {tree: models}."""
+    tree_ids = sorted({t for (t, _), n in delta.items() if n})
+    if not tree_ids:
+        return {}
+    stored = {}
+    for clause in sql_in("tree_id", tree_ids):
+        stored.update({r["tree_id"]: r for r in catalog.read(TREES, where=clause).to_pylist()})
+    rows = []
+    for t in tree_ids:
+        row = stored.get(t) or {"tree_id": t, "root": t, **{k: None for k in TREE_KEEP}}
+        for col in COUNT_COLUMNS:
+            row[col] = max(0, (row.get(col) or 0) + delta[(t, col)])
+        rows.append(row)
+    catalog.upsert_trees(rows)
+    return {r["tree_id"]: r["n_models"] for r in rows if r["n_models"]}
+
+
+COUNT_COLUMNS = ("n_models", "n_finetune", "n_adapter", "n_other")
 TREE_COUNT_COLUMNS = ["repo_id", "tree_id", "relation", "files"]
 TREE_KEEP = ("layer", "expert_version", "task", "candidate_layers", "layer_shapes")
 
 
 def refresh_trees(catalog: Catalog, tree_ids: set[str | None]) -> dict[str, int]:
-    """Recount the given trees from their current models (projected: the columns counting needs),
-    keeping each tree's expert columns; a tree left with no model keeps its row at zero. Returns
-    {tree: models} of the recounted trees."""
+    """Recount the given trees from all their current models (projected: the columns counting
+    needs), keeping each tree's expert columns; a tree left with no model keeps its row at zero.
+    Its cost follows the trees' sizes: a crawl adds its changes instead (update_tree_counts); this
+    builds or repairs counts. Returns {tree: models} of the recounted trees."""
     tree_ids = sorted(t for t in tree_ids if t)
     if not tree_ids:
         return {}
@@ -515,10 +546,7 @@ def refresh_trees(catalog: Catalog, tree_ids: set[str | None]) -> dict[str, int]
     for r in _models_where(catalog, "tree_id", tree_ids, "status != 'superseded'", TREE_COUNT_COLUMNS):
         t = trees[r["tree_id"]]
         t["n_models"] += 1
-        if r["repo_id"] == r["tree_id"]:
-            continue
-        kind = "n_adapter" if is_adapter(r) or r["relation"] == "adapter" else (
-            "n_finetune" if r["relation"] in (None, "finetune") else "n_other")
-        t[kind] += 1
+        if r["repo_id"] != r["tree_id"]:
+            t[_kind(r)] += 1
     catalog.upsert_trees([t for t in trees.values() if t["n_models"] or t["tree_id"] in old])
     return {t: v["n_models"] for t, v in trees.items() if v["n_models"]}

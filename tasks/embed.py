@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.experts import current_version, tree_dir
-from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, MODELS, Catalog, sql_in
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog, sql_in
 
 if TYPE_CHECKING:
     import torch
@@ -124,11 +124,12 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
     """Apply each tree's current expert to its models that have no row from it yet. `since`: only
     the trees and models a crawl from then on listed (a nightly's). Each tree's rows and its
     embedded keys are read on their own, projected: never a whole table."""
-    from tasks.crawl import changed_since
+    from tasks.window import changed_rows
 
     report = EmbedReport()
-    where, touched = changed_since(catalog, since) if since is not None else (None, None)
-    tree_ids = trees or [t["tree_id"] for t in catalog.read("trees", columns=["tree_id"]).to_pylist()]
+    touched = changed_rows(catalog, since, ["repo_id", "sha", "tree_id", "status"]) if since is not None else None
+    tree_ids = trees or (list(touched) if touched is not None else
+                         [t["tree_id"] for t in catalog.read("trees", columns=["tree_id"]).to_pylist()])
     all_rows, versions = [], []
     for tree_id in sorted(tree_ids):
         if touched is not None and tree_id not in touched:
@@ -138,12 +139,11 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
             report.skipped[tree_id] = "no expert yet; run `probex train`"
             continue
         versions.append(f"{tree_id}={version}")
-        models = catalog.tree_children(tree_id, columns=MEMBER_COLUMNS)
-        if where is not None:
-            wanted = {(r["repo_id"], r["sha"]) for r in catalog.read(MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND {where}",
-                                                                     columns=["repo_id", "sha"]).to_pylist()}
-            models = [r for r in models if (r["repo_id"], r["sha"]) in wanted]
-        embedded = embedded_keys(catalog, tree_id, version)
+        if touched is None:
+            models = catalog.tree_children(tree_id, columns=MEMBER_COLUMNS)
+        else:
+            models = catalog.tree_children(tree_id, touched[tree_id])
+        embedded = embedded_keys(catalog, tree_id, version, None if touched is None else [r["repo_id"] for r in models])
         if all((r["repo_id"], r["sha"]) in embedded for r in models):
             report.trees[tree_id] = {"version": version, "models": len(models)}
             continue  # every model already has its row for this expert: nothing to compute
@@ -170,21 +170,32 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
 MEMBER_COLUMNS = ["repo_id", "sha"]  # what embedding reads of a tree's catalog rows
 
 
-def embedded_keys(catalog: Catalog, tree_id: str, version: str) -> set[tuple[str, str]]:
-    """(repo_id, sha) of the tree's rows already embedded by `version` (filtered, projected)."""
-    if not catalog.has(EMBEDDINGS):
+def embedded_keys(catalog: Catalog, tree_id: str, version: str, repo_ids: list[str] | None = None
+                  ) -> set[tuple[str, str]]:
+    """(repo_id, sha) of the tree's rows already embedded by `version` (of `repo_ids` only, when
+    given): filtered and projected in LanceDB."""
+    if not catalog.has(EMBEDDINGS) or repo_ids == []:
         return set()
     where = f"{sql_in('tree_id', [tree_id])[0]} AND {sql_in('expert_version', [version])[0]}"
-    t = catalog.read(EMBEDDINGS, where=where, columns=["repo_id", "sha"])
-    return set(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist())) if t.num_rows else set()
+    out = set()
+    for ids in sql_in("repo_id", repo_ids) if repo_ids is not None else [None]:
+        t = catalog.read(EMBEDDINGS, where=f"{where} AND {ids}" if ids else where, columns=["repo_id", "sha"])
+        out |= set(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist())) if t.num_rows else set()
+    return out
 
 
 FILTER_COLUMNS = ("tree_id", "expert_version")  # every search filters on both: few distinct values
 
 
+# Rows written after the vector index was built are searched exactly until folded into it; a
+# nightly folds them (`optimize`, whose cost follows the table) only past this share of the index,
+# else the maintenance flow does.
+UNINDEXED_SHARE = 0.1
+
+
 def ensure_indexes(table) -> bool:
     """Bitmap indexes on the filter columns always; the cosine IVF_PQ index once there are enough
-    rows. Rows added after an index was built are folded in by `optimize()`."""
+    rows; rows added since it was built folded in once they are UNINDEXED_SHARE of it."""
     from lancedb.index import Bitmap, IvfPq
 
     indices = table.list_indices()
@@ -206,7 +217,10 @@ def ensure_indexes(table) -> bool:
             num_sub_vectors=dim // 4 if dim % 4 == 0 else None,  # 4 dims per PQ code
         ))
     else:
-        table.optimize()
+        vector = next(i for i in indices if i.columns == ["vector"])
+        stats = table.index_stats(vector.name)
+        if stats is None or stats.num_unindexed_rows > UNINDEXED_SHARE * max(1, stats.num_indexed_rows):
+            table.optimize()
     return True
 
 

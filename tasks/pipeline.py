@@ -16,10 +16,11 @@ from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog, sql_in
 from storage.extract import ExtractJob, ExtractResult
 from storage.sources import SourceError, open_source
-from tasks.crawl import CrawlSummary, changed_since, crawl_source
+from tasks.crawl import CrawlSummary, crawl_source
 from tasks.dask_cluster import advertised, check_scheduler, dask_client, gpu_resources, use_worker_threads
 from tasks.embed import embed_trees
 from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
+from tasks.window import changed_rows
 
 
 def catalog_for(settings: Settings, create: bool = True) -> Catalog:
@@ -78,12 +79,11 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
     `since`: only models modified from then on (a nightly's), and worker failures to retry.
     Each tree's rows are read on their own (filtered in LanceDB), never the whole table."""
     catalog = catalog_for(settings)
-    where, touched = changed_since(catalog, since) if since is not None else ("status != 'superseded'", None)
+    touched = changed_rows(catalog, since) if since is not None else None
     jobs, plans = [], {}
-    for tree_id in tree_ids(catalog, trees):
-        if touched is not None and tree_id not in touched:
-            continue
-        models = catalog.read(MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND {where}").to_pylist()
+    for tree_id in tree_ids(catalog, trees) if touched is None else sorted(set(touched) & set(trees or touched)):
+        models = touched[tree_id] if touched is not None else catalog.read(
+            MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND status != 'superseded'").to_pylist()
         members = tree_members(models, tree_id)
         if not members:
             continue
