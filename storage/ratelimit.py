@@ -93,8 +93,10 @@ class PrefectRateLimiter:
     name: str  # limits are "<name>-<bucket>": one budget per name, shared by whoever uses it
     plans: tuple[BucketPlan, ...]
     max_wait_s: float = 300.0
+    # Prefect's client retries a timed-out call 5 times with 2-32 s back-off: an API that never
+    # answers stops a request after about 6 * read_timeout_s + 62 s, never hangs it
     connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
+    read_timeout_s: float = 10.0  # a grant takes milliseconds
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
 
     def limit_name(self, bucket: str) -> str:
@@ -233,4 +235,4 @@ def limiter_from_settings(settings: HttpSettings) -> PrefectRateLimiter | None:
     plans = tuple(plan_bucket(bucket, budget, r.window_s) for bucket, budget in r.limits)
     return PrefectRateLimiter(url.rstrip("/"), r.name, plans, max_wait_s=r.max_wait_s,
                               connect_timeout_s=settings.connect_timeout_s,
-                              read_timeout_s=min(settings.read_timeout_s, 30.0))
+                              read_timeout_s=min(settings.read_timeout_s, 10.0))
