@@ -7,6 +7,7 @@ typed record). Retries are set per task: only failures that a second try can fix
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 
 from prefect import task
@@ -189,8 +190,11 @@ def train_tree_on_worker(settings: Settings, tree_id: str, layers: list[str] | N
 
     apply_runtime_env(settings)
     use_worker_threads()
+    # The stores are the caller's; local caches (the text encoder's) live under this worker's own
+    # PROBEX_HOME: the caller's home folder need not exist on a worker's machine.
+    local = replace(settings, home=Settings.load().home)
     return train_tree(catalog_for(settings), settings.shards, str(settings.experts), tree_id,
-                      encoder=text_encoder(settings), layers=layers, strategies=strategies,
+                      encoder=text_encoder(local), layers=layers, strategies=strategies,
                       device=settings.device).to_dict()
 
 
