@@ -33,14 +33,19 @@ MODEL_KEY = ["repo_id", "sha"]
 TREE_KEY = ["tree_id"]
 EMBEDDING_KEY = ["repo_id", "sha", "expert_version"]
 WATERMARK_KEY = ["source"]
+ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares
+# A table whose key spans several columns is merged on their join, one indexed column: a merge on
+# several columns joins by scanning every stored key, so its memory and time follow the table.
+ROW_KEY = "row_key"
+KEY_SEPARATOR = "\x1f"
 # Filtered columns per table: BTREE for keys of many values, BITMAP for a handful (status).
 SCALAR_INDEXES = {
     # last_modified: a nightly's window; parent: a crawl's descendants of a repo whose lineage moved
-    MODELS: {"repo_id": "btree", "tree_id": "btree", "status": "bitmap", "last_modified": "btree",
-             "parent": "btree"},
+    MODELS: {ROW_KEY: "btree", "repo_id": "btree", "tree_id": "btree", "status": "bitmap",
+             "last_modified": "btree", "parent": "btree"},
+    EMBEDDINGS: {ROW_KEY: "btree"},
     TREES: {"tree_id": "btree"},
 }
-ROW_HASH = "row_hash"  # content digest of the other columns: what an upsert compares
 LOOKUP_CHUNK = 500  # values per IN (...) filter (an upsert's stored hashes, a crawl's lookups)
 _ABSENT = object()
 
@@ -204,18 +209,27 @@ class Catalog:
                 continue
             send.append({**r, ROW_HASH: h})
         if send:
-            tbl = self._table_for_write(name, schema)
+            payload = pa.Table.from_pylist(send, schema=schema)
+            on = key[0]
+            if len(key) > 1:
+                on = ROW_KEY
+                payload = payload.append_column(ROW_KEY, _joined_key(payload, key))
+            tbl = self._table_for_write(name, payload.schema)
             fresh_table = tbl.count_rows() == 0
-            # Columns added to the contract after the table was made: add them before the write.
-            missing = [f for f in schema if f.name not in tbl.schema.names]
+            # Columns added to the contract after the table was made: add them before the write
+            # (the joined key computed from the stored key columns, so stored rows still match).
+            if on == ROW_KEY and ROW_KEY not in tbl.schema.names:
+                tbl.add_columns({ROW_KEY: _joined_key_sql(key)})
+                self.ensure_scalar_indexes(name)
+            missing = [f for f in payload.schema if f.name not in tbl.schema.names]
             if missing:
                 tbl.add_columns(pa.schema(missing))
             (
-                tbl.merge_insert(key)
+                tbl.merge_insert(on)
                 # a concurrent writer may have stored the same content since we looked
                 .when_matched_update_all(where=f"target.{ROW_HASH} IS NULL OR target.{ROW_HASH} != source.{ROW_HASH}")
                 .when_not_matched_insert_all()
-                .execute(pa.Table.from_pylist(send, schema=schema))
+                .execute(payload)
             )
             if fresh_table:
                 self.ensure_scalar_indexes(name)
@@ -313,6 +327,19 @@ class Catalog:
 
     def versions(self, name: str) -> int:
         return self.table(name).version
+
+
+def _joined_key(table: pa.Table, key: list[str]) -> pa.Array:
+    """The key columns of each row joined into one string (ROW_KEY)."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(*[pc.cast(table[c], pa.string()) for c in key], KEY_SEPARATOR)
+
+
+def _joined_key_sql(key: list[str]) -> str:
+    """ROW_KEY as a SQL expression over the stored key columns (the same join)."""
+    sep = "'" + KEY_SEPARATOR + "'"
+    return "concat(" + f", {sep}, ".join(f"CAST({c} AS STRING)" for c in key) + ")"
 
 
 def with_hash(schema: pa.Schema) -> pa.Schema:
