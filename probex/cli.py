@@ -212,7 +212,9 @@ def trees(home: Optional[Path] = HomeOpt, as_json: bool = JsonOpt):
 @app.command()
 def extract(
     tree: Optional[list[str]] = typer.Option(None, "--tree", help="Only this tree (repeatable)."),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer names (default: the tree's plan)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help=(
+        "Comma-separated layer names, as the tree's root names its tensors "
+        "(e.g. model.layers.3.self_attn.q_proj.weight; default: the tree's plan).")),
     candidates: bool = typer.Option(False, "--candidates", help="All candidate layers even when an expert has chosen one."),
     dask_address: Optional[str] = typer.Option(None, "--dask-address", help="An existing Dask scheduler."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="LocalCluster workers."),
