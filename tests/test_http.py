@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from email.utils import formatdate
 
 import httpx2
 import pytest
 from minilake import build_lake
+from silent_server import silent_server
 
 from storage.http import HttpClient, HttpError, HttpTimeout, RateLimited, RetryPolicy, server_wait
 from storage.safetensors_reader import HttpFile
@@ -20,28 +19,9 @@ QUICK = HttpClient(connect_timeout_s=0.5, read_timeout_s=0.5, retry=RetryPolicy(
 
 @pytest.fixture
 def silent():
-    """A loopback TCP server that accepts connections and never answers: a hung server or proxy."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    held, stop = [], threading.Event()
-
-    def accept():
-        sock.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(sock.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    stop.set()
-    thread.join(timeout=5)
-    for conn in held:
-        conn.close()
-    sock.close()
+    """A loopback server that accepts connections and never answers: a hung server or proxy."""
+    with silent_server() as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def one_line(err: BaseException, *words: str) -> None:

@@ -7,11 +7,11 @@ import os
 import pickle
 import random
 import socket
-import threading
 
 import httpx2
 import pytest
 from hubserver import HubServer
+from silent_server import silent_server
 
 from probex_core.settings import HttpSettings, HubRateSettings, SettingsError
 from storage.http import HttpClient, RetryPolicy, http_counts, hub_bucket
@@ -127,38 +127,17 @@ def test_an_unreachable_prefect_api_is_one_line_naming_the_settings():
 
 
 def test_a_prefect_api_that_never_answers_is_one_line_not_a_hang():
-    sock = socket.socket()  # accepts connections, never answers: a hung server or proxy
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    held, stop = [], threading.Event()
-
-    def accept():
-        sock.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(sock.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     import prefect.settings
 
-    limiter = PrefectRateLimiter(url, "probex-test", (plan_bucket("api", 20, 4),), connect_timeout_s=0.5,
-                                 read_timeout_s=0.5)
-    try:
+    with silent_server(8) as (host, port):  # accepts connections, never answers: a hung server or proxy
+        url = f"http://{host}:{port}/api"
+        limiter = PrefectRateLimiter(url, "probex-test", (plan_bucket("api", 20, 4),), connect_timeout_s=0.5,
+                                     read_timeout_s=0.5)
         # Prefect's client retries a read timeout (5 times by default, with 2-32 s back-off: bounded,
         # but a minute); one retry here keeps the test short and still goes through that path.
         with prefect.settings.temporary_settings({prefect.settings.PREFECT_CLIENT_MAX_RETRIES: 1}):
             with pytest.raises(RateLimiterError) as info:
                 limiter.acquire("api")
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        for conn in held:
-            conn.close()
-        sock.close()
     text = str(info.value)
     assert url in text and "PREFECT_API_URL" in text and "\n" not in text
 
