@@ -65,7 +65,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     The CPU kernels used here (matmul, Adam, reductions) are deterministic for a fixed thread
     count, so CPU runs repeat exactly. With `deterministic` and CUDA present, also ask torch for
     deterministic CUDA kernels (best effort). (torch.use_deterministic_algorithms is not called
-    on CPU-only machines: it imports torch._inductor, about 9 s on 2 cores.)"""
+    on CPU-only machines: it imports torch._inductor, seconds of start-up for nothing there.)"""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -201,10 +201,10 @@ class CatalogQuery:
         (cosine, through the IVF_PQ index when built), with `columns` and `_distance`.
 
         Run on the table's Lance dataset (what LanceDB stores and indexes; its query builder adds
-        ~5 ms a call). The tree filter is planned: a tree holding at least POSTFILTER_SHARE of the
-        rows is filtered after the search, over-fetching by its share, since a pre-filter over most
-        of the table costs more than the search itself (measured: ~13 vs ~5 ms at 100k rows); a
-        smaller tree, or any extra `where`, is pre-filtered through the bitmap indexes."""
+        a fixed cost a call). The tree filter is planned: a tree holding at least POSTFILTER_SHARE
+        of the rows is filtered after the search, over-fetching by its share, since a pre-filter
+        over most of the table costs more than the search itself (design notes); a smaller tree,
+        or any extra `where`, is pre-filtered through the bitmap indexes."""
         query = {"column": "vector", "q": np.asarray(vector, np.float32), "metric": "cosine"}
         share = self._share(tree_id, version)
         if where is None and share >= POSTFILTER_SHARE:

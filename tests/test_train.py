@@ -226,8 +226,7 @@ def test_layer_choice_sweep_and_fast():
     assert choice.layer == "l" and choice.best is choice.results["l"]
     s = choice.summary()
     assert set(s["sweep"]["scores"]) == {"l", "noise", "weak"}
-    assert s["fast"]["finalists"] == ["l"]
-    assert choice.fast_seconds < choice.sweep_seconds
+    assert s["fast"]["finalists"] == ["l"]  # its cost against the sweep's: the benchmark's train section
 
 
 # -- bad input ----------------------------------------------------------------------------------
