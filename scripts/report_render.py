@@ -276,7 +276,8 @@ def scale(doc: dict) -> list[str]:
              "8x8 layer of each on 2 Dask workers and embeds them, in a fresh process, into catalogs "
              "seeded with the rows, plans, experts (untrained) and embeddings a crawl of that many repos "
              "leaves (`scripts/bench_scale.py` says how). Targets: time and peak memory at 1M <= 1.5x "
-             "those at 10k.", ""]
+             "those at 10k. Rerun: `scripts/benchmark.py scale` (about 20 minutes here; not in the "
+             "default run).", ""]
     rows = []
     for size, d in doc["sizes"].items():
         st = d["stages"]
