@@ -359,6 +359,7 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
     import numpy as np
 
     from probex_core.heads import TEXT
+    from storage.catalog import KEY_SEPARATOR
     from storage.query import CANDIDATES_PER_TREE, CatalogQuery
     from tasks.embed import ensure_indexes
 
@@ -388,6 +389,8 @@ def _latency(n: int = 100_000, dim: int = 64, runs: int = 50) -> dict:
         "top_labels": [[tree.labels[0]]] * n, "top_scores": [[0.5]] * n,
         "label_scores": [[1.0 / k] * k] * n, "task": [TEXT.name] * n,
         "probe_factor": factors if factors is not None else pa.nulls(n, pa.list_(pa.float32())),
+        "row_hash": pa.nulls(n, pa.string()),  # a merge treats a missing hash as changed
+        "row_key": [KEY_SEPARATOR.join((f"synthetic/m{i}", "0" * 40, tree.version)) for i in range(n)],
     }, schema=table.schema)
     table.add(batch)
     t0 = time.perf_counter()
@@ -517,7 +520,20 @@ def bench_scale() -> None:
         log("[bench] scale: no search latency (run the `train` section first)")
 
 
-SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+def bench_cluster() -> None:
+    """Issue 19 on the `small` lake: ingest on a loopback S3 server vs local disk, and training as
+    parallel tasks on 2 Dask workers vs one tree after another in one process."""
+    import bench_cluster
+
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    lake = ensure_lake("small")
+    doc = {"object_store": bench_cluster.object_store(BENCH, lake, log=log)}
+    save("cluster", doc)
+    doc["training"] = bench_cluster.parallel_training(BENCH, log=log)
+    save("cluster", doc)
+
+
+SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "cluster": bench_cluster, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
             "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
@@ -541,7 +557,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
-        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines", "scale")]:
+        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines", "scale", "cluster")]:
             if name == "lake":
                 bench_lake(args.sizes, args.reuse)
             else:

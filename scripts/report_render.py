@@ -303,6 +303,32 @@ def scale(doc: dict) -> list[str]:
     return lines
 
 
+def cluster(doc: dict) -> list[str]:
+    lines = ["## Object storage and a cluster (issue 19, `small` lake)", _machine(doc), "",
+             "Ingest (crawl, extract on 2 Dask workers, embed) with shards, catalog and experts on a loopback "
+             "S3 server (moto) against local disk; then every tree's expert trained from the same shards as "
+             "parallel tasks on a 2-worker cluster against one after another in one process. Targets: S3 "
+             "<= 2x local; parallel >= 1.5x faster. Rerun: `scripts/benchmark.py cluster`.", ""]
+    st = doc["object_store"]
+    lines += _table(["store", "ingest s", "crawl s", "extract s", "embed s", "models", "extracted"],
+                    [[k, st[k]["seconds"], st[k]["crawl_s"], st[k]["extract_s"], st[k]["embed_s"], st[k]["models"],
+                      st[k]["extracted"]] for k in ("local", "s3")])
+    lines += ["", f"S3 / local: {_f(st['ratio'], 2)}x.", ""]
+    if "training" in doc:
+        tr = doc["training"]
+        rows = []
+        for t in tr["sequential"]["trees"]:
+            a, b = tr["sequential"]["trees"][t], tr["cluster"]["trees"].get(t, {})
+            va, vb = a.get("val") or {}, b.get("val") or {}
+            metric = "accuracy" if "accuracy" in va else "top1"
+            rows.append([t, a.get("layer"), b.get("layer"), va.get(metric), vb.get(metric), a.get("seconds"), b.get("seconds")])
+        lines += _table(["tree", "layer (one process)", "layer (cluster)", "val (one process)", "val (cluster)",
+                         "train s (one process)", "train s (cluster)"], rows)
+        lines += ["", f"Wall seconds: one process {_f(tr['sequential']['seconds'], 1)}, cluster "
+                      f"{_f(tr['cluster']['seconds'], 1)}: {_f(tr['speedup'], 2)}x.", ""]
+    return lines
+
+
 def micro(doc: dict) -> list[str]:
     lines = ["## Small costs (issue 16: moved here from timed tests)", _machine(doc), "",
              "ProbeX forward on 64 LoRA rows of 384x384 at rank 8, factored (never forming X) vs the "
@@ -323,7 +349,7 @@ def design_notes(doc: dict) -> list[str]:
 
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
-            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("micro", micro), ("design_notes", design_notes)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("cluster", cluster), ("micro", micro), ("design_notes", design_notes)]
 
 
 def render(store: Path) -> str:
