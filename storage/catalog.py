@@ -46,6 +46,7 @@ SCALAR_INDEXES = {
     EMBEDDINGS: {ROW_KEY: "btree"},
     TREES: {"tree_id": "btree"},
 }
+MERGE_ALL_INDICES = 1_000_000  # `optimize_indices` merges up to this many deltas of an index into one
 LOOKUP_CHUNK = 500  # values per IN (...) filter (an upsert's stored hashes, a crawl's lookups)
 _ABSENT = object()
 
@@ -265,6 +266,10 @@ class Catalog:
             self.ensure_scalar_indexes(name)
             before = tbl.version
             tbl.optimize()  # compaction and index updates, each a new version
+            if tbl.list_indices():
+                # each update adds a delta index (an IVF_PQ delta carries its own codebook): merge
+                # them, else every maintained night leaves one more on disk
+                tbl.to_lance().optimize.optimize_indices(num_indices_to_merge=MERGE_ALL_INDICES)
             # Tagged versions older than the cut stay (their tag pins them); the rest go.
             stats = tbl.to_lance().cleanup_old_versions(older_than=timedelta(days=keep_days),
                                                         error_if_tagged_old_versions=False)

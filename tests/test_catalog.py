@@ -1,5 +1,7 @@
 """The catalog's writes cost what they change, and maintenance bounds its history."""
 
+import pyarrow as pa
+
 from storage.catalog import MODELS, ROW_HASH, Catalog
 
 
@@ -55,3 +57,24 @@ def test_maintain_bounds_versions_and_keeps_the_newest_tags(tmp_path):
     assert len(cat.read(MODELS)) == 12
     t.checkout("run-6")  # a kept tag still reads its rows
     assert t.count_rows() == 7
+
+
+def test_maintain_merges_index_deltas_so_disk_stays_bounded(tmp_path):
+    """Each update of a vector index adds a delta with its own codebook; maintenance merges them."""
+    import numpy as np
+    from lancedb.index import IvfPq
+
+    cat = Catalog(str(tmp_path / "cat"))
+    rng = np.random.default_rng(0)
+
+    def batch(n, start):
+        v = rng.standard_normal((n, 16)).astype(np.float32)
+        return pa.table({"id": np.arange(start, start + n), "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 16)})
+
+    tbl = cat.db.create_table("vectors", batch(600, 0))
+    tbl.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=4))
+    for night in range(3):
+        tbl.add(batch(20, 600 + 20 * night))
+        cat.maintain(keep_days=0, keep_tags=0)
+    stats = cat.db.open_table("vectors").index_stats("vector_idx")
+    assert stats.num_indices == 1 and stats.num_indexed_rows == 660 and stats.num_unindexed_rows == 0
