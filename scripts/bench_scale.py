@@ -257,7 +257,8 @@ def disk_over_runs(bench_dir: Path, size: int = 10_000, runs: int = 30, new: int
             sizes.append(folder_bytes(home / "catalog"))
             log(f"[bench] scale disk run {run + 1}: {sizes[-1] / 2**20:.1f} MiB")
     shutil.rmtree(home, ignore_errors=True)
-    return {"size": size, "runs": runs, "new_per_run": new, "bytes": sizes, "ratio_last_to_first": sizes[-1] / sizes[0]}
+    return {"size": size, "runs": runs, "new_per_run": new, "bytes": sizes, "ratio_last_to_first": sizes[-1] / sizes[0],
+            "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 if __name__ == "__main__":

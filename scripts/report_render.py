@@ -293,7 +293,7 @@ def scale(doc: dict) -> list[str]:
         lines += [f"Catalog disk over {dk['runs']} nightlies of {dk['new_per_run']} repos into the {dk['size']:,}-row "
                   f"catalog, `maintain` after each: {dk['bytes'][0] / 2**20:.1f} MiB after the first, "
                   f"{dk['bytes'][-1] / 2**20:.1f} MiB after the last ({_f(dk['ratio_last_to_first'], 2)}x; "
-                  "target <= 1.2x).", ""]
+                  "target <= 1.2x)" + (f"; measured {dk['measured']}." if dk.get("measured") else "."), ""]
     if "latency_1m" in doc:
         lat = doc["latency_1m"]
         lines += [f"Search at {lat['rows']:,} embedding rows (IVF_PQ built in {_f(lat['index_build_s'], 1)} s):", ""]

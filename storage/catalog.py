@@ -46,7 +46,7 @@ SCALAR_INDEXES = {
     EMBEDDINGS: {ROW_KEY: "btree"},
     TREES: {"tree_id": "btree"},
 }
-MERGE_ALL_INDICES = 1_000_000  # `optimize_indices` merges up to this many deltas of an index into one
+MAX_INDEX_DELTAS = 8  # maintenance merges an index's deltas past this many
 LOOKUP_CHUNK = 500  # values per IN (...) filter (an upsert's stored hashes, a crawl's lookups)
 _ABSENT = object()
 
@@ -266,10 +266,14 @@ class Catalog:
             self.ensure_scalar_indexes(name)
             before = tbl.version
             tbl.optimize()  # compaction and index updates, each a new version
-            if tbl.list_indices():
-                # each update adds a delta index (an IVF_PQ delta carries its own codebook): merge
-                # them, else every maintained night leaves one more on disk
-                tbl.to_lance().optimize.optimize_indices(num_indices_to_merge=MERGE_ALL_INDICES)
+            # Each update adds a delta index (an IVF_PQ delta carries its own codebook): merge them
+            # once there are MAX_INDEX_DELTAS, not every night, since a merge rewrites the whole
+            # index and every version a tag keeps would pin its own copy.
+            for index in tbl.list_indices():
+                stats = tbl.index_stats(index.name)
+                if stats is not None and stats.num_indices > MAX_INDEX_DELTAS:
+                    tbl.to_lance().optimize.optimize_indices(index_names=[index.name],
+                                                            num_indices_to_merge=stats.num_indices)
             # Tagged versions older than the cut stay (their tag pins them); the rest go.
             stats = tbl.to_lance().cleanup_old_versions(older_than=timedelta(days=keep_days),
                                                         error_if_tagged_old_versions=False)

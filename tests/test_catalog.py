@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from storage.catalog import MODELS, ROW_HASH, Catalog
+from storage.catalog import MAX_INDEX_DELTAS, MODELS, ROW_HASH, Catalog
 
 
 def rows(n, status="ok"):
@@ -60,7 +60,8 @@ def test_maintain_bounds_versions_and_keeps_the_newest_tags(tmp_path):
 
 
 def test_maintain_merges_index_deltas_so_disk_stays_bounded(tmp_path):
-    """Each update of a vector index adds a delta with its own codebook; maintenance merges them."""
+    """Each update of a vector index adds a delta with its own codebook; maintenance merges them
+    once there are more than MAX_INDEX_DELTAS."""
     import numpy as np
     from lancedb.index import IvfPq
 
@@ -73,8 +74,10 @@ def test_maintain_merges_index_deltas_so_disk_stays_bounded(tmp_path):
 
     tbl = cat.db.create_table("vectors", batch(600, 0))
     tbl.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=4))
-    for night in range(3):
+    nights = MAX_INDEX_DELTAS + 1
+    for night in range(nights):
         tbl.add(batch(20, 600 + 20 * night))
         cat.maintain(keep_days=0, keep_tags=0)
-    stats = cat.db.open_table("vectors").index_stats("vector_idx")
-    assert stats.num_indices == 1 and stats.num_indexed_rows == 660 and stats.num_unindexed_rows == 0
+        stats = cat.db.open_table("vectors").index_stats("vector_idx")
+        assert stats.num_indices <= MAX_INDEX_DELTAS and stats.num_unindexed_rows == 0
+    assert stats.num_indices == 1 and stats.num_indexed_rows == 600 + 20 * nights
