@@ -292,7 +292,7 @@ class Catalog:
         first = sorted({r[key[0]] for r in records})
         out: dict[tuple, str | None] = {}
         for i in range(0, len(first), LOOKUP_CHUNK):
-            chunk = ", ".join(_sql(v) for v in first[i:i + LOOKUP_CHUNK])
+            chunk = ", ".join(sql_literal(v) for v in first[i:i + LOOKUP_CHUNK])
             q = tbl.search().where(f"{key[0]} IN ({chunk})").select(key + ([ROW_HASH] if has_hash else []))
             for r in q.limit(None).to_arrow().to_pylist():
                 out[tuple(r[c] for c in key)] = r.get(ROW_HASH)
@@ -308,13 +308,13 @@ class Catalog:
         what experts train on and embed. `models` reuses rows already read; else only this
         tree's rows (and `columns`) are read, filtered in LanceDB."""
         if models is None:
-            where = f"tree_id = {_sql(tree_id)} AND status = 'ok' AND repo_id != {_sql(tree_id)}"
+            where = f"tree_id = {sql_literal(tree_id)} AND status = 'ok' AND repo_id != {sql_literal(tree_id)}"
             return self.read(MODELS, where=where, columns=columns).to_pylist()
         return [r for r in models if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
 
     def tree(self, tree_id: str) -> dict | None:
         """The tree's row, or None when the catalog has no such tree."""
-        rows = self.read(TREES, where=f"tree_id = {_sql(tree_id)}").to_pylist()
+        rows = self.read(TREES, where=f"tree_id = {sql_literal(tree_id)}").to_pylist()
         return rows[0] if rows else None
 
     def upsert_trees(self, rows: list[dict]) -> UpsertResult:
@@ -322,7 +322,7 @@ class Catalog:
 
     # -- watermarks ---------------------------------------------------------------------------
     def watermark(self, source: str) -> datetime | None:
-        rows = self.read(WATERMARKS, where=f"source = {_sql(source)}", columns=["watermark"]).to_pylist()
+        rows = self.read(WATERMARKS, where=f"source = {sql_literal(source)}", columns=["watermark"]).to_pylist()
         return rows[0]["watermark"] if rows else None
 
     def set_watermark(self, source: str, value: datetime) -> None:
@@ -364,11 +364,11 @@ def row_hash(row: dict) -> str:
 def sql_in(column: str, values) -> list[str]:
     """`column IN (...)` filters covering `values`, LOOKUP_CHUNK at a time (none for no values)."""
     values = list(values)
-    return [f"{column} IN ({', '.join(_sql(v) for v in values[i:i + LOOKUP_CHUNK])})"
+    return [f"{column} IN ({', '.join(sql_literal(v) for v in values[i:i + LOOKUP_CHUNK])})"
             for i in range(0, len(values), LOOKUP_CHUNK)]
 
 
-def _sql(value) -> str:
+def sql_literal(value) -> str:
     """A SQL literal for a LanceDB filter."""
     if value is None:
         return "NULL"

@@ -27,7 +27,7 @@ import torch
 
 from probex_core.errors import ProbexError
 from probex_core.heads import HeadKind, QueryRows, get_head
-from storage.catalog import EMBEDDINGS, MODELS, Catalog
+from storage.catalog import EMBEDDINGS, MODELS, Catalog, sql_in, sql_literal
 
 CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ranking
 # A tree whose expert fuses the text probe is re-ranked whole up to this many rows: the probe's
@@ -36,7 +36,6 @@ CANDIDATES_PER_TREE = 50  # vector-search depth per tree before calibrated re-ra
 SCAN_ROWS = 5000
 POSTFILTER_SHARE = 0.5  # a tree with this share of the rows is filtered after the vector search
 CARD_FIELDS = ["license", "pipeline_tag", "library_name", "tags", "labels"]
-IN_CHUNK = 500  # repo ids per `IN (...)` filter
 
 
 class QueryError(ProbexError):
@@ -132,10 +131,8 @@ class CatalogQuery:
 
     def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
         """Card fields of the answer's models only (a filtered, projected read)."""
-        ids = sorted(set(repo_ids))
-        parts = [self.catalog.read(MODELS, columns=["repo_id", *CARD_FIELDS],
-                                   where=f"status != 'superseded' AND repo_id IN ({', '.join(map(_sql, ids[i:i + IN_CHUNK]))})")
-                 for i in range(0, len(ids), IN_CHUNK)]
+        parts = [self.catalog.read(MODELS, columns=["repo_id", *CARD_FIELDS], where=f"status != 'superseded' AND {ids}")
+                 for ids in sql_in("repo_id", sorted(set(repo_ids)))]
         if not parts:
             return pd.DataFrame(columns=["repo_id", *CARD_FIELDS])
         return pa.concat_tables(parts).to_pandas()
@@ -143,11 +140,11 @@ class CatalogQuery:
     def _model_row(self, repo_id: str) -> dict:
         if not repo_id or not isinstance(repo_id, str):
             raise UnknownModelError("give a repo id such as org/name")
-        hits = [r for r in self.table.search().where(f"repo_id = {_sql(repo_id)}").limit(None).to_list()]
+        hits = [r for r in self.table.search().where(f"repo_id = {sql_literal(repo_id)}").limit(None).to_list()]
         trees = self.trees()
         hits = [h for h in hits if h["tree_id"] in trees and h["expert_version"] == trees[h["tree_id"]].version]
         if not hits:
-            known = self.catalog.read(MODELS, where=f"repo_id = {_sql(repo_id)}").num_rows
+            known = self.catalog.read(MODELS, where=f"repo_id = {sql_literal(repo_id)}").num_rows
             if known:
                 raise NoExpertError(f"{repo_id} is in the catalog but has no embedding from a current "
                                     "expert (its tree may have no expert); run `probex train` and `probex ingest`")
@@ -296,9 +293,5 @@ class CatalogQuery:
 
 def _tree_filter(tree_id: str, version: str, where: str | None = None) -> str:
     """SQL for one tree's rows from its current expert, narrowed by a user's `where`."""
-    filt = f"tree_id = {_sql(tree_id)} AND expert_version = {_sql(version)}"
+    filt = f"tree_id = {sql_literal(tree_id)} AND expert_version = {sql_literal(version)}"
     return f"{filt} AND ({where})" if where else filt
-
-
-def _sql(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.experts import current_version, tree_dir
-from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog, sql_in
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog, sql_in, sql_literal
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +176,7 @@ def embedded_keys(catalog: Catalog, tree_id: str, version: str, repo_ids: list[s
     given): filtered and projected in LanceDB."""
     if not catalog.has(EMBEDDINGS) or repo_ids == []:
         return set()
-    where = f"{sql_in('tree_id', [tree_id])[0]} AND {sql_in('expert_version', [version])[0]}"
+    where = f"tree_id = {sql_literal(tree_id)} AND expert_version = {sql_literal(version)}"
     out = set()
     for ids in sql_in("repo_id", repo_ids) if repo_ids is not None else [None]:
         t = catalog.read(EMBEDDINGS, where=f"{where} AND {ids}" if ids else where, columns=["repo_id", "sha"])

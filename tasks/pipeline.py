@@ -14,7 +14,7 @@ from prefect import task
 
 from probex_core.settings import Settings, apply_runtime_env, configure
 from probex_core.errors import ProbexError
-from storage.catalog import MODELS, Catalog, sql_in
+from storage.catalog import MODELS, Catalog, sql_in, sql_literal
 from storage.extract import ExtractJob, ExtractResult
 from storage.sources import SourceError, open_source
 from tasks.crawl import CrawlSummary, crawl_source
@@ -84,7 +84,7 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
     jobs, plans = [], {}
     for tree_id in tree_ids(catalog, trees) if touched is None else sorted(set(touched) & set(trees or touched)):
         models = touched[tree_id] if touched is not None else catalog.read(
-            MODELS, where=f"{sql_in('tree_id', [tree_id])[0]} AND status != 'superseded'").to_pylist()
+            MODELS, where=f"tree_id = {sql_literal(tree_id)} AND status != 'superseded'").to_pylist()
         members = tree_members(models, tree_id)
         if not members:
             continue
@@ -111,7 +111,7 @@ def candidate_shapes(catalog: Catalog, source, models: list[dict], row: dict) ->
     if row.get("layer_shapes"):
         return {k: tuple(v) for k, v in json.loads(row["layer_shapes"]).items()}
     if not any(r["repo_id"] == row["tree_id"] for r in models):  # the root: what fine-tuning changed
-        models = models + catalog.read(MODELS, where=f"{sql_in('repo_id', [row['tree_id']])[0]} AND "
+        models = models + catalog.read(MODELS, where=f"repo_id = {sql_literal(row['tree_id'])} AND "
                                                      "status != 'superseded'").to_pylist()
     shapes = plan_candidate_layers(source, models, row["tree_id"])
     if shapes:
