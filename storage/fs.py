@@ -7,11 +7,13 @@ AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, ...): a Dask worker resolv
 with its own environment, and no secret ever travels in a task argument. Every request has the
 PROBEX_HTTP_* connect/read timeouts and retry count.
 
-`publish(fs, path, data)` is the one atomic write: the bytes go to a temporary name beside the
-final one (`.<name>.<random>.tmp`), then move to the final name (a rename on a local disk; on an
-object store a server-side copy, so the final key exists only once the whole object was
-uploaded). Readers skip names starting with "." (`visible`), so a killed writer's leftovers are
-never mistaken for data.
+`publish(fs, path, data)` is the one atomic write. On a local disk the bytes go to a temporary
+name beside the final one (`.<name>.<random>.tmp`), then are renamed. On an object store an object
+becomes visible only when its upload completes, so an object below the multipart threshold is one
+PUT straight to its final key (all or nothing: one request instead of the six a temporary key and
+a server-side copy cost); a larger one is a multipart upload, whose completion is the client's
+call, so it goes to a temporary key first and is copied to the final key once whole. Readers skip
+names starting with "." (`visible`), so a killed writer's leftovers are never mistaken for data.
 
 Object-store failures become a `StorageError` (a ProbexError: one line in the CLI) that names the
 setting and the variable to fix: a bucket that does not exist, refused credentials, an endpoint
@@ -35,6 +37,7 @@ from probex_core.settings import HttpSettings
 
 OBJECT_SCHEMES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
 TMP_SUFFIX = ".tmp"
+SINGLE_PUT_MAX = 5 * 2**20  # S3's smallest multipart part; pyarrow starts multipart only above it
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the service-specific one wins (AWS SDK rule)
 
 
@@ -113,7 +116,10 @@ def endpoint() -> str | None:
 def _filesystem(kind: str, env_key: tuple) -> pafs.FileSystem:
     http = HttpSettings.from_env()
     if kind == "s3":
+        # allow_delayed_open: a stream sends nothing until it knows its size, so a small object is
+        # one PutObject, not a create/upload/complete multipart triple.
         kw = dict(connect_timeout=http.connect_timeout_s, request_timeout=http.read_timeout_s,
+                  allow_delayed_open=True,
                   retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=http.max_retries + 1))
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
@@ -223,10 +229,17 @@ def tmp_name(path: str) -> str:
 
 
 def publish(fs: pafs.FileSystem, path: str, data: bytes, *, durable: bool = False) -> None:
-    """Write `data` to `path` atomically: under a temporary name, then moved to `path`.
+    """Write `data` to `path` atomically (see the module's docstring for how, per store).
 
     durable: fsync before the rename (local disks; an object store's PUT is durable when it
     returns). A failure removes the temporary object and leaves `path` as it was."""
+    if not isinstance(fs, pafs.LocalFileSystem) and len(data) < SINGLE_PUT_MAX:
+        # The stream buffers `data` in memory and sends it as one PutObject on close: the server
+        # stores the object only once every byte of the declared length has arrived.
+        f = fs.open_output_stream(path)
+        f.write(data)
+        f.close()
+        return
     tmp = tmp_name(path)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)

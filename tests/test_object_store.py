@@ -112,6 +112,27 @@ def test_a_killed_writers_temporary_object_is_never_read_and_is_cleared(s3_serve
     assert len(read_layer(root, "org/root", "blocks.1.q")) == 2
 
 
+def test_publish_on_s3_is_one_put_when_small_and_a_whole_copy_when_large(s3_server):
+    """A shard is one PutObject under its final key (all or nothing on the server); a multipart-sized
+    object goes through a temporary key and lands whole. Neither leaves a temporary object."""
+    from storage.fs import SINGLE_PUT_MAX, publish, read_bytes, resolve
+
+    root = s3_server.uri("publish")
+    fs, base = resolve(root)
+    small, large = b"s" * 1000, bytes(range(256)) * (SINGLE_PUT_MAX // 256 + 1)
+    publish(fs, f"{base}/small.bin", small)
+    publish(fs, f"{base}/large.bin", large)
+    assert read_bytes(fs, f"{base}/small.bin") == small and read_bytes(fs, f"{base}/large.bin") == large
+    assert s3_server.keys(root) == ["large.bin", "small.bin"]
+    key = base.split("/", 1)[1]
+    requests = [line for line in s3_server.log.read_text(errors="replace").splitlines()
+                if f"/{key}/" in line and '" 20' in line]
+    writes = [line for line in requests if '"GET ' not in line and '"HEAD ' not in line]
+    small_writes = [line for line in writes if "small.bin" in line]
+    assert len(small_writes) == 1 and '"PUT ' in small_writes[0], small_writes
+    assert any(".large.bin." in line for line in writes)  # the large one went via a temporary key
+
+
 def test_local_shards_keep_their_layout_and_a_file_uri_reads_them(tmp_path):
     paths = write_rows(tmp_path / "shards", rows())
     assert sorted(p.replace(str(tmp_path), "") for p in paths) == [
