@@ -10,11 +10,18 @@ cells = [
         "The catalog is a plain LanceDB database: `models`, `trees` and `embeddings` tables. "
         "Reading them needs no project code; asking questions in the weight-language space "
         "(text search, zero-shot classification) uses `storage.query`.\n\n"
-        "Set `PROBEX_HOME` (default `./.probex`) to the home whose catalog you want."),
+        "Set `PROBEX_HOME` (default `./.probex`) to the home whose catalog you want, or "
+        "`PROBEX_CATALOG` to a catalog elsewhere (a folder or `s3://bucket/catalog`; the store's own "
+        "variables, `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ..., say how to reach it)."),
     nbf.v4.new_code_cell(
         "import os\nfrom pathlib import Path\n\nimport lancedb\n\n"
         "home = Path(os.environ.get('PROBEX_HOME', '.probex')).absolute()\n"
-        "db = lancedb.connect(str(home / 'catalog'))\n"
+        "catalog = os.environ.get('PROBEX_CATALOG') or str(home / 'catalog')\n"
+        "options = {}\n"
+        "endpoint = os.environ.get('AWS_ENDPOINT_URL')\n"
+        "if catalog.startswith('s3://') and endpoint:  # an S3-compatible server (MinIO, ...)\n"
+        "    options = {'aws_endpoint': endpoint, 'allow_http': str(endpoint.startswith('http:')).lower()}\n"
+        "db = lancedb.connect(catalog, storage_options=options)\n"
         "db.list_tables().tables"),
     nbf.v4.new_markdown_cell("## The tables, with plain LanceDB and pandas"),
     nbf.v4.new_code_cell(
@@ -83,6 +90,8 @@ cells = [
         "table.checkout_latest()\n"
         "first, old_rows"),
 ]
+for i, cell in enumerate(cells):
+    cell.id = f"cell-{i:02d}"  # stable ids: regenerating the notebook changes only what changed
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                "language": "python"}})
 out = Path(__file__).resolve().parents[1] / "notebooks" / "explore_catalog.ipynb"
