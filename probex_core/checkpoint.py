@@ -2,9 +2,11 @@
 
 A checkpoint is two objects, written and read by `storage/experts.py` at any store URI:
 
-    model.safetensors   the ProbeX state dict (+ "extra.*" tensors, e.g. extra.class_text_emb)
-    config.json         tree, layer, ProbeXConfig (with the input normalisation), text encoder,
-                        prompt, label vocabulary, metrics, version, created, and the sha256 of
+    model.safetensors   the ProbeX state dict (+ "extra.*" tensors, e.g. extra.class_text_emb);
+                        a delta expert's `input_root` is the root's matrix it reads rows against
+    config.json         tree, layer, ProbeXConfig (with the input normalisation), representation
+                        ("raw" rows or "delta", changes from the root), text encoder, prompt,
+                        label vocabulary, metrics, version, created, and the sha256 of
                         model.safetensors
 
 `encode_expert` turns a model into those bytes, `decode_expert` checks and loads them back
@@ -63,6 +65,7 @@ def encode_expert(tree_id: str, model: ProbeX, *, version: str, layer: str, labe
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "probex": model.cfg.to_dict(),
         "normalisation": {"input_scale": model.cfg.input_scale, "centered": model.cfg.centered},
+        "representation": model.cfg.representation,
         "text_encoder": text_encoder,
         "prompt": prompt,
         "labels": list(labels),

@@ -12,12 +12,22 @@ Shapes (n = models in a batch):
       "text":       logits = s * norm(e) . norm(W t + b_w)^T  (n, k), softmax CE over k class texts
 
 LoRA rows never form X:  V^T X U = scale * (V^T B) (A U), all small (r_V x r) @ (r x r_U) products.
+A batch of both kinds (a tree of full fine-tunes and adapters) runs each kind through its own path.
 
+Representation (stored in the config and, for "delta", the root's matrix as a buffer `input_root`):
+    "raw":   rows as extracted: a dense row is the child's own matrix W_child
+    "delta": every row is its change from the tree's root: a dense row is read as W_child - W_root,
+             a LoRA row as it is (scale * B A already is the change), so both kinds of one tree
+             are the same kind of thing. The subtraction happens here, in the first layer, so
+             training, evaluation and embedding read a row the same way.
 Input normalisation (stored in the config, so inference reproduces training):
     X <- (X - M) / input_scale
 where M (d_H, d_W) is the mean training matrix (only when `centered`, a buffer `input_mean`) and
-input_scale is the mean Frobenius norm of the (centred) training rows. Both are linear, so they
-fold into the factored path: V^T (X - M) U / s = (scale (V^T B)(A U) - (V^T M) U) / s.
+input_scale is the mean Frobenius norm of the (centred) training rows, both of the rows as the
+representation reads them. All of it is linear, so it folds into the factored path:
+    dense: V^T (X - W_root - M) U / s       LoRA: (scale (V^T B)(A U) - (V^T M) U) / s
+With centring, raw and delta are the same expert for dense rows: the mean of the deltas is the
+mean of the rows minus W_root, so X - M_raw = (X - W_root) - M_delta (equal up to float rounding).
 
 Logit scale (text head): fixed at 1/0.07 (CLIP's initial temperature) by default. Both vectors are
 unit-norm, so logits live in [-s, s]; a fixed s keeps the loss equally sharp for trees with 20 or
@@ -51,6 +61,7 @@ from .heads import get_head
 # Paper sizes are the ProbeXConfig defaults (r_U = r_V = r_T = 128: ~2.2M parameters whatever the
 # layer). COMPACT keeps ProbeX under 1/10 of Dense's parameters (the report's params column).
 COMPACT = dict(r_U=32, r_V=32, r_T=64)
+REPRESENTATIONS = ("raw", "delta")
 
 
 @dataclass
@@ -77,10 +88,13 @@ class ProbeXConfig:
     # Singular directions of a row kept in F (what the catalog stores per model: probe_rank x d_W);
     # 4 kept the L6 trees' zero-shot figures where all 16 put them (design notes).
     probe_rank: int = 4
+    representation: str = "raw"  # "raw" | "delta" (see module docstring); older experts are raw
 
     def __post_init__(self):
         head = get_head(self.head)
         self.head = head.name  # an old alias loads as the head's one name
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if head.n_outputs(1) and self.n_outputs < 1:
             raise ValueError(f"the {head.name} head needs n_outputs >= 1")
         if not (self.input_scale > 0 and math.isfinite(self.input_scale)):
@@ -150,6 +164,10 @@ class ProbeX(nn.Module):
             self.register_buffer("input_mean", torch.zeros(cfg.d_H, cfg.d_W))  # (d_H, d_W)
         else:
             self.input_mean = None
+        if cfg.representation == "delta":
+            self.register_buffer("input_root", torch.zeros(cfg.d_H, cfg.d_W))  # W_root (d_H, d_W)
+        else:
+            self.input_root = None
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.Linear(cfg.r_U * cfg.r_V, cfg.r_T)  # all M_l at once, with bias
         self.out = Head(cfg.head, cfg.r_T, cfg.n_outputs, cfg.text_dim, cfg.logit_scale,
@@ -158,8 +176,16 @@ class ProbeX(nn.Module):
             self.register_buffer("probe_moment", torch.zeros(cfg.d_W, cfg.d_W))  # M (d_W, d_W)
 
     # -- the representation ------------------------------------------------------------------
+    def offset(self, lora: bool) -> torch.Tensor | None:
+        """What a row's matrix is read relative to (d_H, d_W), or None: the training mean M when
+        centred, plus W_root for a dense row of a delta expert (its X - W_root - M)."""
+        parts = [t for t in (None if lora else self.input_root, self.input_mean) if t is not None]
+        return parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
+
     def probe_responses(self, batch: WeightBatch) -> torch.Tensor:
-        """P = ReLU(V^T (X - M) U / s): (n, r_V, r_U)."""
+        """P = ReLU(V^T (X - offset) U / s): (n, r_V, r_U)."""
+        if batch.is_mixed:  # each kind through its own path, back in batch order
+            return batch.join(*(self.probe_responses(p) for p in batch.split()))
         Vt = self.V.T  # (r_V, d_H)
         if batch.is_lora:
             AU = batch.A @ self.U  # (n, r, d_W) @ (d_W, r_U) -> (n, r, r_U)
@@ -168,17 +194,18 @@ class ProbeX(nn.Module):
         else:
             Z = batch.X @ self.U  # (n, d_H, d_W) @ (d_W, r_U) -> (n, d_H, r_U)
             pre = Vt @ Z  # (n, r_V, r_U)
-        if self.input_mean is not None:
-            pre = pre - (Vt @ self.input_mean) @ self.U  # (r_V, r_U), broadcast over n
+        offset = self.offset(batch.is_lora)
+        if offset is not None:
+            pre = pre - (Vt @ offset) @ self.U  # (r_V, r_U), broadcast over n
         if self.cfg.row_norm:
             pre = pre / self.row_norms(batch)[:, None, None]
         return F.relu(pre / self.cfg.input_scale)
 
     def row_norms(self, batch: WeightBatch) -> torch.Tensor:
-        """||X - M||_F per row (n,); LoRA rows without M stay factored (WeightBatch.frobenius_norms)."""
-        if self.input_mean is None:
-            return batch.frobenius_norms().clamp_min(1e-12)
-        return (batch.dense() - self.input_mean).flatten(1).norm(dim=1).clamp_min(1e-12)
+        """||X - offset||_F per row (n,); LoRA rows stay factored (WeightBatch.frobenius_norms)."""
+        if batch.is_mixed:
+            return batch.join(*(self.row_norms(p) for p in batch.split()))
+        return batch.frobenius_norms(self.offset(batch.is_lora)).clamp_min(1e-12)
 
     def encode(self, batch: WeightBatch) -> torch.Tensor:
         """The model's representation e (n, r_T); L2-normalised for the text head."""
@@ -205,21 +232,39 @@ class ProbeX(nn.Module):
 
     # -- the text probe (see module docstring) -------------------------------------------------
     def probe_factor(self, batch: WeightBatch) -> torch.Tensor:
-        """F (n, probe_rank, d_W): the top singular directions of X^ (the (centred) row at unit
-        Frobenius norm), so ||F t||^2 = ||X^ t||^2 when the row's rank is <= probe_rank (zero rows
-        pad lower ranks). LoRA rows go through their small factor, never forming X."""
-        if batch.is_lora and self.input_mean is None:
+        """F (n, probe_rank, d_W): the top singular directions of X^ (the row minus its offset, at
+        unit Frobenius norm), so ||F t||^2 = ||X^ t||^2 when the row's rank is <= probe_rank (zero
+        rows pad lower ranks). LoRA rows go through their factors, never forming X."""
+        if batch.is_mixed:
+            return batch.join(*(self.probe_factor(p) for p in batch.split()))
+        offset = self.offset(batch.is_lora)
+        if batch.is_lora and offset is not None:
+            return self._centred_lora_factor(batch, offset)
+        if batch.is_lora:
             _, R = torch.linalg.qr(batch.B)  # B = Q R, Q orthonormal: (n, d_H, r) -> R (n, r, r)
             G = batch.scale[:, None, None] * (R @ batch.A)  # X = Q G, same singular values: (n, r, d_W)
         else:
-            G = batch.dense() if batch.is_lora else batch.X
-            if self.input_mean is not None:
-                G = G - self.input_mean
+            G = batch.X if offset is None else batch.X - offset
         _, S, Vh = torch.linalg.svd(G, full_matrices=False)  # S (n, q), Vh (n, q, d_W)
         m = min(self.cfg.probe_rank, S.shape[1])
         F_ = S[:, :m, None] * Vh[:, :m]  # (n, m, d_W)
         F_ = F_ / G.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
         return F.pad(F_, (0, 0, 0, self.cfg.probe_rank - m))  # (n, probe_rank, d_W)
+
+    def _centred_lora_factor(self, batch: WeightBatch, M: torch.Tensor) -> torch.Tensor:
+        """probe_factor of LoRA rows read as s B A - M, which is full rank: its top right singular
+        directions from the Gram matrix G^T G (n, d_W, d_W), formed from the factors
+        (WeightBatch.moments' identity, row by row), in float64 for the eigensolver."""
+        A, B, s, M = batch.A.double(), batch.B.double(), batch.scale.double()[:, None, None], M.double()
+        At = A.transpose(1, 2)  # (n, d_W, r)
+        cross = At @ (B.transpose(1, 2) @ M)  # A^T B^T M: (n, d_W, r) @ (n, r, d_W)
+        gram = s ** 2 * (At @ (B.transpose(1, 2) @ B) @ A) - s * (cross + cross.transpose(1, 2)) + M.T @ M
+        evals, evecs = torch.linalg.eigh(gram)  # ascending: (n, d_W), (n, d_W, d_W)
+        m = min(self.cfg.probe_rank, self.cfg.d_W)
+        S = evals.flip(-1)[:, :m].clamp_min(0).sqrt()  # top singular values (n, m)
+        F_ = S[:, :, None] * evecs.flip(-1)[:, :, :m].transpose(1, 2)  # (n, m, d_W)
+        F_ = F_ / evals.clamp_min(0).sum(-1).sqrt().clamp_min(1e-12)[:, None, None]  # ||G||_F^2 = tr(G^T G)
+        return F.pad(F_.to(batch.A.dtype), (0, 0, 0, self.cfg.probe_rank - m))
 
     def text_response(self, F_: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """R = ||F t||^2 - t^T M t for each row and class text: (n, m, d_W), (k, d_W) -> (n, k)."""

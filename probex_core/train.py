@@ -27,7 +27,7 @@ from .data import (EmptyDatasetError, ExpertError, LayerDataset, ShapeMismatchEr
                    concat_datasets)
 from .device import pick_device, seed_everything
 from .heads import MULTILABEL, TEXT, HeadKind, get_head
-from .probex import ProbeX, ProbeXConfig
+from .probex import REPRESENTATIONS, ProbeX, ProbeXConfig
 
 
 @dataclass
@@ -41,9 +41,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # torch CPU threads; None: all this process may use
-    center: str | bool = "auto"  # subtract the mean training matrix; "auto": for dense rows only
+    # How rows are read (ProbeXConfig.representation): "raw", "delta" (changes from the tree's
+    # root, which the training rows must carry), or "auto" (see `representations`).
+    representation: str = "auto"
+    center: str | bool = "auto"  # subtract the mean training matrix; "auto": see normalisation_stats
     normalise: bool = True  # divide by the mean Frobenius norm of the training rows
-    row_norm: str | bool = "auto"  # divide each row by its own norm; "auto": for LoRA rows only
+    row_norm: str | bool = "auto"  # divide each row by its own norm; "auto": see resolved_row_norm
     min_train: int = 4  # fewer labelled training models: EmptyDatasetError (no expert)
     time_limit_s: float | None = None  # stop early when one run exceeds this (keeps best state)
     text_probe: str | bool = "auto"  # text head: fuse the text probe; "auto": when d_W == text_dim
@@ -98,6 +101,8 @@ class TrainResult:
     stopped: str = ""  # "patience" | "max_epochs" | "time_limit"
     refit: bool = False  # the model was trained again on training + validation rows (see refit)
     head: str = MULTILABEL.name  # the head kind it was trained with
+    # representation -> best validation main score, when train_expert tried more than one
+    representation_scores: dict = field(default_factory=dict)
 
     @property
     def score(self) -> tuple:
@@ -122,8 +127,12 @@ def config_for(ds: LayerDataset, head: str | HeadKind | None = None, **kw) -> Pr
 
 def normalisation_stats(train: LayerDataset, center: str | bool = "auto", normalise: bool = True
                         ) -> tuple[torch.Tensor | None, float]:
-    """(mean matrix or None, input_scale) from the training rows only."""
-    do_center = (not train.is_lora) if center == "auto" else bool(center)
+    """(mean matrix or None, input_scale) from the training rows only, as the expert reads them
+    (pass `train.deltas()` for a delta expert). "auto" centres a layer of dense rows only: there
+    the rows share most of their values (the root's, in raw rows); LoRA rows and a mix of both
+    kinds are changes already. A mean over a mix is the mean of every row, LoRA rows summed from
+    their factors, and it is subtracted from both kinds (ProbeX.offset)."""
+    do_center = (not train.is_lora and not train.is_mixed) if center == "auto" else bool(center)
     mean = train.mean_matrix() if do_center else None
     scale = 1.0
     if normalise:
@@ -303,20 +312,57 @@ def _eval_inputs(model, inputs, head, t_emb, batch_size: int = 256) -> dict:
 # ProbeX experts
 
 
+def representations(train: LayerDataset, tcfg: TrainConfig) -> list[str]:
+    """The representations train_expert tries on `train`, the first winning a tie on validation.
+
+    "auto": a layer that mixes dense and LoRA rows is read as changes from the root (raw, a full
+    fine-tune's own matrix and an adapter's change are different things); so is any other layer
+    whose root is known, because raw and delta then give the same expert (LoRA rows are changes
+    either way; centred dense rows are equal after centring, see probex.py), and delta also
+    reads a later child of the other kind consistently. Only uncentred dense rows make the two
+    differ: both are trained there, and validation keeps the better. Without the root: raw."""
+    if tcfg.representation in REPRESENTATIONS:
+        return [tcfg.representation]
+    if tcfg.representation != "auto":
+        raise ValueError(f"representation must be 'auto' or one of {REPRESENTATIONS}, "
+                         f"got {tcfg.representation!r}")
+    if train.root is None:
+        return ["raw"]
+    dense_only = not train.is_lora and not train.is_mixed
+    centred = tcfg.center == "auto" or bool(tcfg.center)
+    return ["delta", "raw"] if dense_only and not centred else ["delta"]
+
+
+def resolved_row_norm(train: LayerDataset, row_norm: str | bool) -> bool:
+    """"auto" divides each row by its own norm wherever a layer has LoRA rows: one tree's updates
+    differ several times in size (rank, alpha, lr; an adapter against a full fine-tune), and the
+    class lives in the update's direction."""
+    return (train.is_lora or train.is_mixed) if row_norm == "auto" else bool(row_norm)
+
+
 def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> ProbeX:
-    """Seeded ProbeX with the input normalisation computed on the training rows."""
-    row_norm = train.is_lora if tcfg.row_norm == "auto" else bool(tcfg.row_norm)
+    """Seeded ProbeX with the input normalisation computed on the training rows, as its
+    representation reads them (tcfg.representation; "auto": the first of `representations`)."""
+    rep = representations(train, tcfg)[0]
+    if rep == "delta" and train.root is None:
+        raise ExpertError("representation 'delta' needs the root's layer (LayerDataset.root)",
+                          tree=train.tree, layer=train.layer)
+    seen = train.deltas() if rep == "delta" else train  # the rows as the expert reads them
+    row_norm = resolved_row_norm(train, tcfg.row_norm)
     # Rows divided by their own norm are already unit size: no dataset-wide scale on top.
-    mean, scale = normalisation_stats(train, tcfg.center, tcfg.normalise and not row_norm)
-    cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None, row_norm=row_norm)
+    mean, scale = normalisation_stats(seen, tcfg.center, tcfg.normalise and not row_norm)
+    cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None, row_norm=row_norm,
+                              representation=rep)
     seed_everything(tcfg.seed)
     model = ProbeX(cfg)
     if mean is not None:
         model.input_mean.copy_(mean)
+    if rep == "delta":
+        model.input_root.copy_(train.root)
     if tcfg.init not in ("auto", "data", "random"):
         raise ValueError(f"init must be 'auto', 'data' or 'random', got {tcfg.init!r}")
     if tcfg.init == "data" or (tcfg.init == "auto" and not (train.is_lora and get_head(cfg.head) is TEXT)):
-        init_from_data(model, train, mean, row_norm)
+        init_from_data(model, seen, mean, row_norm)
     return model
 
 
@@ -336,12 +382,24 @@ def init_from_data(model: ProbeX, train: LayerDataset, mean: torch.Tensor | None
 
 def train_expert(train: LayerDataset, val: LayerDataset | None, cfg: ProbeXConfig,
                  tcfg: TrainConfig | None = None, text_emb=None) -> TrainResult:
-    """Train one ProbeX expert on a tree's layer; returns the best-validation model.
+    """Train one ProbeX expert on a tree's layer; returns the best-validation model, of the best
+    representation where several are tried (`representations`; seconds add up).
 
     text_emb: for the text head, the frozen text embeddings of train.classes (k, text_dim).
     """
     tcfg = tcfg or TrainConfig()
     check_datasets(train, val, cfg.head, cfg.d_H, cfg.d_W, text_emb, tcfg.min_train)
+    runs = {rep: _train_probex(train, val, cfg, dataclasses.replace(tcfg, representation=rep), text_emb)
+            for rep in representations(train, tcfg)}
+    best = max(runs.values(), key=lambda r: r.score)  # max keeps the first of equals
+    if len(runs) == 1:
+        return best
+    return dataclasses.replace(best, seconds=sum(r.seconds for r in runs.values()),
+                               epochs_run=sum(r.epochs_run for r in runs.values()),
+                               representation_scores={k: r.main_score for k, r in runs.items()})
+
+
+def _train_probex(train, val, cfg, tcfg, text_emb) -> TrainResult:
     model = build_probex(train, cfg, tcfg)
     result = fit(model, train, val, cfg.head, tcfg, text_emb, config=model.cfg, kind="probex")
     wants_probe = cfg.d_W == cfg.text_dim if tcfg.text_probe == "auto" else bool(tcfg.text_probe)
@@ -408,11 +466,14 @@ def refit(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], Tr
     if not tcfg.refits(head) or val is None or not len(val) or first.best_epoch < 1:
         return first
     both = concat_datasets([train, val], tree=train.tree, layer=train.layer)
-    final = trainer(both, None, dataclasses.replace(tcfg, max_epochs=first.best_epoch, patience=None))
+    # the representation validation chose (a ProbeX config's; the baselines have none)
+    rep = getattr(first.config, "representation", tcfg.representation)
+    final = trainer(both, None, dataclasses.replace(tcfg, max_epochs=first.best_epoch, patience=None,
+                                                    representation=rep))
     return dataclasses.replace(final, best_epoch=first.best_epoch, best_val=first.best_val,
                                history=first.history, seconds=first.seconds + final.seconds,
                                epochs_run=first.epochs_run + final.epochs_run, stopped=first.stopped,
-                               refit=True)
+                               refit=True, representation_scores=first.representation_scores)
 
 
 def train_final(trainer: Callable[[LayerDataset, LayerDataset | None, TrainConfig], TrainResult],
