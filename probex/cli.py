@@ -339,6 +339,26 @@ def maintain(
          for t, r in d["tables"].items()])))
 
 
+@app.command()
+def compact(
+    tree: Optional[list[str]] = typer.Option(None, "--tree", help="Only this tree (repeatable); default every tree."),
+    max_parts: Optional[int] = typer.Option(None, "--max-parts", min=1,
+                                            help="Open parts per layer before they merge into one (default 8)."),
+    home: Optional[Path] = HomeOpt,
+    as_json: bool = JsonOpt,
+):
+    """Fold the shards' small per-model files into large Parquet parts, layer by layer."""
+    from tasks.compact import compact_step
+
+    s = settings_for(home)
+    doc = run_command(lambda: compact_step(s, tree, max_parts))
+    emit(doc, as_json, lambda d: out.print(table(
+        f"shard compaction ({d['files_before']} files -> {d['files_after']})",
+        ["tree", "layer", "small files", "folded", "parts before", "parts after", "MB written", "seconds"],
+        [[r["tree"], r["layer"], r["small_files"], r["folded"], r["parts_before"], r["parts_after"],
+          r["bytes_written"] / 2**20, r["seconds"]] for r in d["layers"]])))
+
+
 # -- queries ------------------------------------------------------------------------------------
 def open_query(home: Optional[Path]):
     from storage.query import CatalogQuery

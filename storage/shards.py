@@ -1,14 +1,25 @@
 """Parquet shards of extracted layers, partitioned by tree and layer.
 
-    shards/tree=<tree slug>/layer=<layer name>/<repo slug>@<sha12>.parquet
+    shards/tree=<tree slug>/layer=<layer name>/<repo slug>@<sha12>.parquet          one model
+    shards/tree=<tree slug>/layer=<layer name>/parts/part-<seq>-<id>.parquet         many (compacted)
 
 `shards/` is a folder or an object-store URI (s3://bucket/prefix, ...), reached through
-storage/fs.py. One file per (model, tree, layer), named deterministically, so re-extracting a model
-overwrites its own file and can never duplicate rows; each file is published atomically (a
-temporary `.name.xxxx.tmp` first, then the final name), and readers skip temporary names, so a
-killed worker leaves no half shard that looks whole. Plain pyarrow, DuckDB
-(`read_parquet('shards/**/*.parquet', hive_partitioning=true)`) and polars read them, on disk or
-on the object store.
+storage/fs.py. Extraction writes one small file per (model, tree, layer), named deterministically,
+so re-extracting a model overwrites its own file and can never duplicate rows; each file is
+published atomically (a temporary `.name.xxxx.tmp` first, then the final name), and readers skip
+temporary names, so a killed worker leaves no half shard that looks whole.
+
+Compaction (storage/compaction.py) folds a layer's small files into large row-grouped parts of the
+same schema under `parts/`, publishes each part whole, and only then removes the small files it
+folded in. A model's row is then found in a part: `has_shard` and `layer_keys` see parts too
+(reading only their repo_id/sha columns), and `read_layer` returns each (repo_id, sha) once, the
+newest part's copy first, so a reader that lists while a compaction runs (part published, small
+files not yet removed) sees no duplicate, and one whose listed file vanished lists again.
+
+Plain pyarrow, DuckDB (`read_parquet('shards/**/*.parquet', hive_partitioning=true)`; `**` reaches
+`parts/`, which is no hive key) and polars read both kinds with no project code. Outside a
+compaction each (tree, layer, repo_id, sha) is in exactly one file; a reader that may overlap a
+compaction (or follow one that was killed before it removed its inputs) dedupes on those columns.
 
 A row holds either a dense matrix `X` or LoRA factors (`A` r x d_W, `B` d_H x r, and `scale`, so
 X = scale * B @ A), flattened into float32 lists with their shapes beside them. `layer` is the
@@ -21,11 +32,13 @@ Shards written before `read_from` existed read back with it null.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from probex_core.names import slug
@@ -91,12 +104,21 @@ class LayerRow:
 
 
 def shard_path(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> str:
-    """The shard's path or URI under `root`."""
+    """The shard's path or URI under `root` (a model's own small file)."""
     return join(root, *_parts(tree_id, layer, repo_id, sha))
 
 
 def _parts(tree_id: str, layer: str, repo_id: str, sha: str) -> tuple[str, str, str]:
-    return f"tree={slug(tree_id)}", f"layer={layer}", f"{slug(repo_id)}@{sha[:12]}.parquet"
+    return f"tree={slug(tree_id)}", f"layer={layer}", small_name(repo_id, sha)
+
+
+def small_name(repo_id: str, sha: str) -> str:
+    """A model's own file name in its layer folder."""
+    return f"{slug(repo_id)}@{sha[:12]}.parquet"
+
+
+def layer_folder(base: str, tree_id: str, layer: str) -> str:
+    return join(base, f"tree={slug(tree_id)}", f"layer={layer}")
 
 
 def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[str]:
@@ -120,10 +142,96 @@ def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[str]:
     return paths
 
 
-def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> bool:
+# --- what a layer folder holds: small files and parts ---------------------------------------
+
+PARTS = "parts"  # the subfolder of a layer's compacted files (not key=value: no hive column)
+PART_PREFIX = "part-"
+
+
+def part_name(seq: int, tag: str) -> str:
+    """`part-<seq>-<tag>.parquet`: seq orders parts (higher is newer); the random tag keeps two
+    compactions that picked the same seq from overwriting each other's part."""
+    return f"{PART_PREFIX}{seq:08d}-{tag}.parquet"
+
+
+def part_seq(name: str) -> int:
+    return int(name[len(PART_PREFIX):].split("-", 1)[0])
+
+
+def _is_part(name: str) -> bool:
+    return name.startswith(PART_PREFIX) and name.endswith(".parquet") and name[len(PART_PREFIX):].split("-", 1)[0].isdigit()
+
+
+@dataclass(frozen=True)
+class LayerFiles:
+    """One listing of a layer folder: its small files (sorted by name) and parts, newest first."""
+
+    small: tuple[pafs.FileInfo, ...]
+    parts: tuple[pafs.FileInfo, ...]
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every file, in the order a reader prefers their rows: newest part first, small files last."""
+        return tuple(i.path for i in self.parts + self.small)
+
+
+def list_layer(fs: pafs.FileSystem, folder: str) -> LayerFiles:
+    """The small files are listed before the parts: a compaction publishes its part before it
+    removes the small files, so a small file this listing misses is in a part the next one sees."""
+    small = sorted((i for i in listdir(fs, folder) if i.type == pafs.FileType.File
+                    and i.base_name.endswith(".parquet")), key=lambda i: i.base_name)
+    parts = sorted((i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File
+                    and _is_part(i.base_name)), key=lambda i: (part_seq(i.base_name), i.base_name), reverse=True)
+    return LayerFiles(tuple(small), tuple(parts))
+
+
+# A part never changes once published (a new one gets a new name), so its keys are read once per
+# process: a worker's has_shard and a planner's listing cost a listing, not a read per part.
+_KEYS: OrderedDict[tuple[str, int], frozenset[tuple[str, str]]] = OrderedDict()
+_KEYS_MAX = 256
+
+
+def part_keys(fs: pafs.FileSystem, info: pafs.FileInfo) -> frozenset[tuple[str, str]]:
+    """(repo_id, sha) of every row of a part: two small columns, never the tensors."""
+    key = (info.path, info.size)
+    if key not in _KEYS:
+        t = pq.read_table(info.path, columns=["repo_id", "sha"], filesystem=fs)
+        _KEYS[key] = frozenset(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist()))
+        if len(_KEYS) > _KEYS_MAX:
+            _KEYS.popitem(last=False)
+    _KEYS.move_to_end(key)
+    return _KEYS[key]
+
+
+@dataclass(frozen=True)
+class LayerKeys:
+    """Which models a layer holds, from one listing: small files by name, parts by their keys.
+    `(repo_id, sha) in keys` is what `has_shard` answers, without a request per model."""
+
+    names: frozenset[str]
+    rows: frozenset[tuple[str, str]]
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self.rows or small_name(*key) in self.names
+
+
+def layer_keys(root: str | os.PathLike, tree_id: str, layer: str) -> LayerKeys:
     fs, base = resolve(root, ENV_SHARDS)
     with translate(root, ENV_SHARDS):
-        return is_file(fs, join(base, *_parts(tree_id, layer, repo_id, sha)))
+        files = list_layer(fs, layer_folder(base, tree_id, layer))
+        rows = frozenset().union(*(part_keys(fs, p) for p in files.parts))
+    return LayerKeys(frozenset(i.base_name for i in files.small), rows)
+
+
+def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, sha: str) -> bool:
+    """Whether the model's row of this layer is stored: its own file (one request), else a part."""
+    fs, base = resolve(root, ENV_SHARDS)
+    folder = layer_folder(base, tree_id, layer)
+    with translate(root, ENV_SHARDS):
+        if is_file(fs, join(folder, small_name(repo_id, sha))):
+            return True
+        parts = [i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File and _is_part(i.base_name)]
+        return any((repo_id, sha) in part_keys(fs, p) for p in parts)
 
 
 def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:
@@ -134,22 +242,22 @@ def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:
                   if i.type.name == "Directory" and i.base_name.startswith("layer="))
 
 
+READ_TRIES = 5  # listings a reader tries while compactions keep removing what it listed
+
+
 def read_layer(root: str | os.PathLike, tree_id: str, layer: str,
                repo_ids: set[str] | None = None) -> list[LayerRow]:
-    """Every row of one tree's layer (optionally only some models), tensors reshaped."""
+    """Every row of one tree's layer (optionally only some models), tensors reshaped; each
+    (repo_id, sha) once, the newest part's copy first."""
     fs, base = resolve(root, ENV_SHARDS)
     with translate(root, ENV_SHARDS):
-        infos = listdir(fs, join(base, f"tree={slug(tree_id)}", f"layer={layer}"))
-        files = sorted(i.path for i in infos if i.type.name == "File" and i.base_name.endswith(".parquet"))
-        if not files:
-            return []
-        table = ds.dataset(files, schema=SHARD_SCHEMA, format="parquet", filesystem=fs).to_table()
+        table = read_files(fs, layer_folder(base, tree_id, layer), repo_ids)
+    if table is None:
+        return []
     meta = table.drop_columns(["X", "A", "B"]).to_pylist()  # small columns only: tensors stay numpy
     tensors = {c: table.column(c).combine_chunks() for c in ("X", "A", "B")}
     rows = []
     for i, r in enumerate(meta):
-        if repo_ids is not None and r["repo_id"] not in repo_ids:
-            continue
         d_h, d_w = r["shape"]
         rank = r["rank"]
         X, A, B = (_values(tensors[c], i) for c in ("X", "A", "B"))
@@ -165,6 +273,44 @@ def read_layer(root: str | os.PathLike, tree_id: str, layer: str,
             )
         )
     return rows
+
+
+def read_files(fs: pafs.FileSystem, folder: str, repo_ids: set[str] | None = None) -> pa.Table | None:
+    """The layer folder's rows as one table (SHARD_SCHEMA), each (repo_id, sha) once; None when
+    empty. A file that vanished between the listing and the read (a compaction removed what it
+    had folded into a part) means: list again and read again."""
+    files = list_layer(fs, folder)
+    for _ in range(READ_TRIES - 1):
+        if not files.paths:
+            return None
+        try:
+            return _read_once(fs, files, repo_ids)
+        except OSError:  # FileNotFoundError on a disk; an object store names the missing key
+            again = list_layer(fs, folder)
+            if again.paths == files.paths:
+                raise  # the listing did not move: a real failure, not a compaction
+            files = again
+    return _read_once(fs, files, repo_ids) if files.paths else None
+
+
+def _read_once(fs: pafs.FileSystem, files: LayerFiles, repo_ids: set[str] | None) -> pa.Table:
+    dataset = ds.dataset(list(files.paths), schema=SHARD_SCHEMA, format="parquet", filesystem=fs)
+    # parts keep statistics on repo_id, so a read of a few models skips most row groups
+    where = None if repo_ids is None else ds.field("repo_id").isin(sorted(repo_ids))
+    table = dataset.to_table(columns=SHARD_SCHEMA.names + ["__filename"], filter=where)
+    return first_copies(table, {p: i for i, p in enumerate(files.paths)}).drop_columns(["__filename"])
+
+
+def first_copies(table: pa.Table, rank: dict[str, int]) -> pa.Table:
+    """Each (repo_id, sha) once: the row from the file ranked first (`__filename` -> rank)."""
+    best: dict[tuple[str, str], tuple[int, int]] = {}
+    keys = zip(table.column("repo_id").to_pylist(), table.column("sha").to_pylist())
+    for i, (path, key) in enumerate(zip(table.column("__filename").to_pylist(), keys)):
+        if key not in best or rank[path] < best[key][0]:
+            best[key] = (rank[path], i)
+    if len(best) == table.num_rows:
+        return table
+    return table.take(pa.array(sorted(i for _, i in best.values()), pa.int64()))
 
 
 def _values(column: pa.ListArray, i: int) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from storage.extract import (
     model_layer_shapes,
 )
 from storage.records import is_adapter, repo_files
-from storage.shards import has_shard
+from storage.shards import LayerKeys, layer_keys
 from storage.safetensors_reader import TensorReadError
 from storage.sources import Source
 from tasks.dask_cluster import dask_client
@@ -69,18 +69,33 @@ def summarise(results: list[ExtractResult], seconds: float, workers: int) -> Ext
     return s
 
 
-def is_done(job: ExtractJob) -> bool:
+def is_done(job: ExtractJob, stored: Callable[[str, str, str], LayerKeys] | None = None) -> bool:
+    """Whether every layer of the job is stored (its own file or a compacted part). `stored`
+    gives a layer's keys; split_done passes one that lists each layer once for all its jobs."""
     loc = job.opener
-    return bool(job.layers) and all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha)
+    stored = stored or layer_keys
+    return bool(job.layers) and all((loc.repo_id, loc.sha) in stored(job.shards_root, job.tree_id, l)
                                     for l in job.layers)
 
 
 def split_done(jobs: list[ExtractJob]) -> tuple[list[ExtractResult], list[ExtractJob]]:
     """(results for models whose shards are all there, the jobs still to run). Shard names are
-    deterministic, so a model with all its shards needs no worker."""
-    done = [is_done(j) for j in jobs]
-    return ([extract_model(j) for j, d in zip(jobs, done) if d],
-            [j for j, d in zip(jobs, done) if not d])
+    deterministic and compacted parts are read for their keys, so a model that is stored needs no
+    worker; each (tree, layer) is listed once, never a request per model."""
+    keys: dict[tuple[str, str, str], LayerKeys] = {}
+
+    def stored(root: str, tree_id: str, layer: str) -> LayerKeys:
+        if (root, tree_id, layer) not in keys:
+            keys[root, tree_id, layer] = layer_keys(root, tree_id, layer)
+        return keys[root, tree_id, layer]
+
+    done = [is_done(j, stored) for j in jobs]
+    return ([skipped(j) for j, d in zip(jobs, done) if d], [j for j, d in zip(jobs, done) if not d])
+
+
+def skipped(job: ExtractJob) -> ExtractResult:
+    """What extract_model answers for a model whose layers are all stored."""
+    return ExtractResult(job.opener.repo_id, job.opener.sha, job.tree_id, "skipped", layers=list(job.layers))
 
 
 def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n_workers: int = 2,
