@@ -369,3 +369,20 @@ def test_cli_compact_prints_one_json_document_and_one_line_errors(tmp_path):
     assert r.exit_code == 0 and "shard compaction" in r.stdout
     r = runner.invoke(app, ["compact", "--tree", "org/none", "--home", str(tmp_path)])
     assert r.exit_code == 1 and "no shards of tree org/none" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow  # starts a Prefect server: the full suite runs it
+def test_the_maintenance_flow_compacts_every_layer_before_the_catalog(tmp_path):
+    from flows.maintain import maintain_catalog
+    from flows.runtime import prefect_api
+    from probex_core.settings import Settings, apply_runtime_env
+    from storage.catalog import Catalog
+
+    Catalog(str(tmp_path / "catalog"))
+    write_rows(tmp_path / "shards", rows(0, 6) + rows(0, 3, layer="blocks.1.q.weight"))
+    apply_runtime_env(Settings.load(tmp_path))
+    with prefect_api():
+        doc = maintain_catalog(keep_days=0, keep_tags=0, home=str(tmp_path))
+    assert doc["shards"]["files_before"] == 9 and doc["shards"]["files_after"] == 2
+    assert sorted(d["layer"] for d in doc["shards"]["layers"]) == ["blocks.0.q.weight", "blocks.1.q.weight"]
+    assert "tables" in doc
