@@ -4,6 +4,11 @@ One row per (repo_id, sha, expert_version): the L2-normalised representation (co
 tree, and the expert's top predicted labels with scores. Upserted by diff, so re-embedding with an
 unchanged expert writes nothing. Each run that writes tags the table version with the date and
 expert versions, so a notebook can open yesterday's catalog.
+
+Rows go to the expert as the shards hold them (dense, LoRA factors, or both in one tree): the
+expert itself reads them in its representation (a delta expert subtracts the root's matrix it
+trained with in its first layer, probex_core/probex.py), so embedding cannot read a row otherwise
+than training did.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ documented children are one-vs-rest detectors ("other" + one class) gets the tex
 Undocumented models (generic LABEL_i) are never trained on. Validation = `is_val(repo_id)` among
 the documented. A new expert is promoted (made `current`) only if it validates at least as well as
 the current one.
+
+Rows are read as changes from the tree's root (representation "delta", probex_core/train.py
+`representations`) wherever the root's own row of the layer is in the shards; a tree whose layer
+mixes full fine-tunes and adapters has no expert without it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from probex_core.heads import MULTILABEL, TEXT, HeadKind, get_head
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
 from probex_core.train import LayerChoice, TrainConfig, TrainResult, choose_layer, probex_trainer, refit
-from storage.catalog import Catalog
+from storage.catalog import MODELS, Catalog, sql_literal
 from storage.shards import layers_of, read_layer
 
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -69,16 +73,35 @@ def tree_labels(models: list[dict]) -> TreeLabels:
 
 def load_rows(shards: str, tree_id: str, layer: str, models: list[dict]) -> dict[str, WeightRow]:
     """repo id -> WeightRow for the models' current shas."""
+    return load_layer(shards, tree_id, layer, models)[0]
+
+
+def load_layer(shards: str, tree_id: str, layer: str, models: list[dict], root: dict | None = None
+               ) -> tuple[dict[str, WeightRow], WeightRow | None]:
+    """(repo id -> WeightRow for the models' current shas, the root's own row of the layer at
+    `root`'s sha, or None when it is not extracted), from one read of the layer's shards."""
     want = {(r["repo_id"], r["sha"]) for r in models}
-    out = {}
-    for row in read_layer(shards, tree_id, layer, {r for r, _ in want}):
-        if (row.repo_id, row.sha) not in want:
+    root_key = None if root is None else (root["repo_id"], root["sha"])
+    ids = {r for r, _ in want} | ({root_key[0]} if root_key else set())
+    out, root_row = {}, None
+    for row in read_layer(shards, tree_id, layer, ids):
+        key = (row.repo_id, row.sha)
+        if key == root_key and row.kind != "lora":
+            root_row = WeightRow(row.repo_id, X=row.X)
+        elif key not in want:
             continue
-        if row.kind == "lora":
+        elif row.kind == "lora":
             out[row.repo_id] = WeightRow(row.repo_id, A=row.A, B=row.B, scale=row.scale)
         else:
             out[row.repo_id] = WeightRow(row.repo_id, X=row.X)
-    return out
+    return out, root_row
+
+
+def tree_root(catalog: Catalog, tree_id: str) -> dict | None:
+    """The tree root's current catalog row (repo_id, sha), or None when the catalog has none."""
+    where = f"repo_id = {sql_literal(tree_id)} AND status != 'superseded'"
+    rows = catalog.read(MODELS, where=where, columns=["repo_id", "sha"]).to_pylist()
+    return rows[0] if rows else None
 
 
 def validation_ids(ids: list[str], labels: TreeLabels) -> list[str]:
@@ -96,8 +119,8 @@ def validation_ids(ids: list[str], labels: TreeLabels) -> list[str]:
     return val
 
 
-def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str, layer: str
-                   ) -> tuple[LayerDataset, LayerDataset]:
+def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str, layer: str,
+                   root: WeightRow | None = None) -> tuple[LayerDataset, LayerDataset]:
     ids = sorted(r for r in labels.labels if r in rows)
     val_ids = validation_ids(ids, labels)
     train_ids = [r for r in ids if r not in set(val_ids)]
@@ -107,7 +130,7 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
                             tree=tree_id, layer=layer)
     task = labels.task
     train = LayerDataset.from_rows([rows[r] for r in train_ids], tree=tree_id, layer=layer,
-                                   labels=[labels.labels[r] for r in train_ids], task=task)
+                                   labels=[labels.labels[r] for r in train_ids], task=task, root=root)
     # Validation speaks the training vocabulary: unseen classes are dropped (multilabel) or their
     # models left out (one label each), since the expert has no output for them.
     known = set(train.classes)
@@ -119,7 +142,7 @@ def split_datasets(rows: dict[str, WeightRow], labels: TreeLabels, tree_id: str,
     if not val_ids:
         raise NoExpertError("no validation model has a class seen in training", tree=tree_id, layer=layer)
     val = LayerDataset.from_rows([rows[r] for r in val_ids], tree=tree_id, layer=layer,
-                                 labels=val_labels, task=task, classes=train.classes)
+                                 labels=val_labels, task=task, classes=train.classes, root=root)
     return train, val
 
 
@@ -138,6 +161,7 @@ class TreeTrainReport:
     params: int = 0
     train_seconds: float = 0.0
     refit: bool = False  # trained again on training + validation rows once validation chose the epochs
+    representation: str | None = None  # "raw" rows or "delta", changes from the root
     skipped: str | None = None  # why the tree got no expert
 
     def to_dict(self) -> dict:
@@ -177,6 +201,7 @@ class FittedExpert:
     train: LayerDataset
     val: LayerDataset
     text_emb: object | None  # the training classes' text embeddings (a head that uses texts)
+    root: dict | None = None  # the root's catalog row (repo_id, sha) whose layer the rows were read against
 
     @property
     def train_seconds(self) -> float:
@@ -185,9 +210,11 @@ class FittedExpert:
 
 
 def tree_datasets(shards: str, tree_id: str, models: list[dict], labels: TreeLabels,
-                  layers: list[str] | None, report: TreeTrainReport) -> dict[str, tuple[LayerDataset, LayerDataset]]:
-    """layer -> (train, val) for every candidate layer with labelled rows; empty, with
-    report.skipped saying why, when the tree cannot have an expert."""
+                  layers: list[str] | None, report: TreeTrainReport, root: dict | None = None
+                  ) -> dict[str, tuple[LayerDataset, LayerDataset]]:
+    """layer -> (train, val) for every candidate layer with labelled rows, carrying the root's row
+    of the layer when it is extracted (`root`: its catalog row); empty, with report.skipped saying
+    why, when the tree cannot have an expert."""
     candidates = layers or layers_of(shards, tree_id)
     if not candidates:
         report.skipped = "no extracted layers; run `probex extract` first"
@@ -198,7 +225,12 @@ def tree_datasets(shards: str, tree_id: str, models: list[dict], labels: TreeLab
     data, why = {}, None
     for layer in candidates:
         try:
-            data[layer] = split_datasets(load_rows(shards, tree_id, layer, models), labels, tree_id, layer)
+            rows, root_row = load_layer(shards, tree_id, layer, models, root)
+            if root_row is None and len({r.is_lora for r in rows.values()}) > 1:
+                raise NoExpertError("the layer mixes full fine-tunes and adapters, which an expert "
+                                    "reads as changes from the root, and the root's own row of it "
+                                    "is not extracted", tree=tree_id, layer=layer)
+            data[layer] = split_datasets(rows, labels, tree_id, layer, root_row)
         except EmptyDatasetError:
             continue
         except NoExpertError as e:
@@ -209,8 +241,9 @@ def tree_datasets(shards: str, tree_id: str, models: list[dict], labels: TreeLab
 
 
 def fit_tree(data: dict[str, tuple[LayerDataset, LayerDataset]], labels: TreeLabels, encoder,
-             tcfg: TrainConfig | None, strategies, device: str) -> FittedExpert:
-    """Choose the layer on validation, then train the final expert on it."""
+             tcfg: TrainConfig | None, strategies, device: str, root: dict | None = None) -> FittedExpert:
+    """Choose the layer (and the representation, TrainConfig.representation) on validation, then
+    train the final expert on it."""
     any_train = next(iter(data.values()))[0]
     tcfg = tcfg or default_train_config(any_train.is_lora, device)
     text_emb = None
@@ -222,7 +255,7 @@ def fit_tree(data: dict[str, tuple[LayerDataset, LayerDataset]], labels: TreeLab
     choice = choose_layer(data, kw, tcfg, text_emb=text_emb, strategies=strategies)
     train, val = data[choice.layer]
     best = refit(probex_trainer(kw, text_emb), choice.best, train, val, tcfg, labels.head)
-    return FittedExpert(labels.head, choice, best, train, val, text_emb)
+    return FittedExpert(labels.head, choice, best, train, val, text_emb, root if train.root is not None else None)
 
 
 def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedExpert, encoder,
@@ -241,11 +274,15 @@ def publish_expert(catalog: Catalog, experts: str, tree_id: str, fitted: FittedE
         report.previous_val = load_expert(folder, prev).config.get("metrics", {}).get("val")
     promote = report.previous_val is None or head.selection_key(best.best_val) >= head.selection_key(report.previous_val)
     extra = {"class_text_emb": fitted.text_emb} if fitted.text_emb is not None else None
+    representation = best.model.cfg.representation
     path = save_expert(experts, tree_id, best.model, layer=fitted.choice.layer, labels=list(fitted.train.classes),
                        text_encoder=getattr(encoder, "name", None), prompt=getattr(encoder, "prompt", None),
                        metrics={"val": best.best_val, "train_seconds": round(best.seconds, 2)}, extra_tensors=extra,
                        info={"task": head.name, "n_train": len(fitted.train), "n_val": len(fitted.val),
                              "refit": best.refit, "layer_choice": fitted.choice.summary(),
+                             "representation": representation,
+                             "representation_scores": best.representation_scores,
+                             "root": fitted.root if representation == "delta" else None,
                              "device": device_name(device), "host": socket.gethostname()}, make_current=promote)
     report.version, report.promoted = path.name, promote
     if promote:
@@ -262,13 +299,15 @@ def train_tree(catalog: Catalog, shards: str, experts: str, tree_id: str, *, enc
     models = catalog.tree_children(tree_id, columns=TRAIN_COLUMNS)
     labels = tree_labels(models)
     report.task = labels.head.name
-    data = tree_datasets(shards, tree_id, models, labels, layers, report)
+    root = tree_root(catalog, tree_id)
+    data = tree_datasets(shards, tree_id, models, labels, layers, report, root)
     if not data:
         return report
-    fitted = fit_tree(data, labels, encoder, tcfg, strategies, device)
+    fitted = fit_tree(data, labels, encoder, tcfg, strategies, device, root)
     report.layer, report.layer_choice = fitted.choice.layer, fitted.choice.summary()
     report.n_train, report.n_val = len(fitted.train), len(fitted.val)
     report.val, report.params, report.refit = fitted.best.best_val, fitted.best.n_params, fitted.best.refit
+    report.representation = fitted.best.model.cfg.representation
     report.train_seconds = fitted.train_seconds
     publish_expert(catalog, experts, tree_id, fitted, encoder, report, tcfg.device if tcfg else device)
     return report
