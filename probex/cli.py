@@ -185,11 +185,23 @@ def crawl(
     emit(doc, as_json, render_crawl)
 
 
+def render_hub(hub: dict | None, step: str) -> None:
+    """The step's Hub requests (a table of its own: the step's table is full at 80 columns):
+    what rate-limit pressure the run met. Nothing for a step that made none (a local lake)."""
+    if not hub or not hub["requests"]:
+        return
+    out.print(table(f"{step}: Hub requests", ["requests", "api", "resolvers", "retries", "429s",
+                                              "retry wait s", "limiter wait s"],
+                    [[hub["requests"], hub["api"], hub["resolvers"], hub["retries"], hub["rate_limited"],
+                      hub["retry_wait_s"], hub["limiter_wait_s"]]]))
+
+
 def render_crawl(doc: dict) -> None:
     out.print(table(f"crawl {doc['source']}", ["seen", "new", "changed", "unchanged", "re-placed",
                                                 "routed by weights", "unassigned", "errors", "seconds"],
                     [[doc["seen"], doc["new"], doc["changed"], doc["unchanged"], doc["replaced"],
                       doc["routed"], doc["unassigned"], len(doc["errors"]), doc["seconds"]]]))
+    render_hub(doc.get("hub"), "crawl")
     if doc["per_tree"]:
         out.print(table("models per tree", ["tree", "models"], sorted(doc["per_tree"].items())))
     if doc["errors"]:
@@ -238,6 +250,7 @@ def render_extract(doc: dict) -> None:
                       doc["bytes_read"] / 2**20,
                       doc["bytes_read"] / doc["bytes_needed"] if doc["bytes_needed"] else None,
                       doc["bytes_ratio"], doc["seconds"], doc["workers"]]]))
+    render_hub(doc.get("hub"), "extract")
     if doc["quarantined"]:
         out.print(table("quarantined", ["repo", "reason"], [[q["repo_id"], q["reason"]] for q in doc["quarantined"]]))
 

@@ -35,6 +35,7 @@ from storage.adapters import (
     parse_adapter_config,
     read_adapter_factors,
 )
+from storage.hubcounts import HubRequests, counting
 from storage.quantized import CONFIG_FILE, QuantConfig, has_companions, materialize, parse_quant_config, plan_layer
 from storage.records import weight_files
 from storage.safetensors_reader import (
@@ -83,6 +84,7 @@ class ExtractResult:
     bytes_needed: int = 0
     bytes_in_files: int = 0
     seconds: float = 0.0
+    hub: HubRequests = field(default_factory=HubRequests)  # this model's requests to a Hub (none for a folder)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +208,15 @@ def _extract_full(job: ExtractJob, res: ExtractResult, layout: RepoLayout | None
 
 
 def extract_model(job: ExtractJob) -> ExtractResult:
-    """Read the job's layers and write one shard per layer. Never raises for bad data."""
+    """Read the job's layers and write one shard per layer. Never raises for bad data. The
+    result carries the Hub requests its reads made (counted in the worker, returned with it)."""
+    with counting() as hub:
+        res = _extract_model(job)
+    res.hub = hub
+    return res
+
+
+def _extract_model(job: ExtractJob) -> ExtractResult:
     t0 = time.perf_counter()
     loc = job.opener
     res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "ok")

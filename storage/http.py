@@ -13,8 +13,9 @@ files, from the crawler (`HubSource`) and the reader (`HttpFile`) alike. Each re
 - first takes a slot of its Hub bucket ("api" for /api/, "resolvers" for /resolve/) from the
   client's `limiter`, retries included, when it has one: the whole cluster's budget, kept by
   Prefect (`storage.ratelimit`; PROBEX_HUB_RATE_* settings);
-- is counted in this process's `http_counts()` (sends, retries, 429s, waits for the limiter), for
-  run summaries.
+- is counted (`HubRequests`: sends by Hub bucket, retries, 429s, seconds waited on retries and on
+  the limiter) in this process's totals (`http_counts()`) and in every `counting()` block around
+  it, which is how a crawl or an extraction puts its own counts in its summary.
 Other error statuses raise huggingface_hub's typed errors (`hf_raise_for_status`), so callers tell
 a deleted repo (404) from a bad token (401) or a gated one.
 """
@@ -37,6 +38,11 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from probex_core.errors import ProbexError
 from probex_core.settings import ENV_CONNECT_TIMEOUT, ENV_MAX_WAIT, ENV_READ_TIMEOUT, HttpSettings
+from storage.hubcounts import HubRequests, counting, http_counts
+from storage.hubcounts import count as _count
+
+__all__ = ["HttpClient", "HttpError", "HttpTimeout", "HubRequests", "Limiter", "RateLimited", "RetryPolicy",
+           "SourceError", "counting", "http_counts", "hub_bucket", "server_wait"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,7 +114,7 @@ class RetryPolicy:
         return self.backoff(retry) if hinted is None else max(hinted, self.base_wait_s)
 
 
-# --- the shared budget and the counts ---------------------------------------------------------------
+# --- the shared budget ----------------------------------------------------------------------------
 
 
 class Limiter(Protocol):
@@ -128,25 +134,6 @@ def hub_bucket(url: str) -> str | None:
     if "/resolve/" in path:
         return "resolvers"
     return "api" if "/api/" in path else None  # an endpoint under a prefix (a mirror's /hf/api/)
-
-
-COUNT_FIELDS = ("requests", "retries", "rate_limited", "limiter_acquired", "limiter_wait_s")
-_counts_lock = threading.Lock()
-_counts = dict.fromkeys(COUNT_FIELDS, 0)
-
-
-def _count(**add: float) -> None:
-    with _counts_lock:
-        for key, value in add.items():
-            _counts[key] += value
-
-
-def http_counts() -> dict[str, float]:
-    """This process's totals since it started: requests sent, retries, 429 answers (each retried
-    or, on the last try, raised), slots taken from the limiter and seconds spent waiting for them.
-    Per process: a summary takes the difference around its work (a worker around its task)."""
-    with _counts_lock:
-        return dict(_counts)
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -214,14 +201,14 @@ class HttpClient:
         """
         policy = self.retry
         hf_headers = build_hf_headers(token=token, headers=dict(headers or {}))
-        bucket = hub_bucket(url) if self.limiter is not None else None
+        bucket = hub_bucket(url)
         for attempt in range(policy.max_retries + 1):
             last = attempt == policy.max_retries
             response = None
-            if bucket is not None:  # every send, retries too: the Hub counts each one
+            if self.limiter is not None and bucket is not None:  # every send, retries too: the Hub counts each
                 waited = self.limiter.acquire(bucket)
                 _count(limiter_acquired=1, limiter_wait_s=waited)
-            _count(requests=1, retries=1 if attempt else 0)
+            _count(requests=1, retries=1 if attempt else 0, **({bucket: 1} if bucket else {}))
             try:
                 if on_send is not None:
                     on_send()
@@ -270,6 +257,7 @@ class HttpClient:
                 )
             log.warning("%s %s: %s; retry %d in %.2f s", method, _where(url), reason, attempt + 1, wait)
             self.sleep(wait)
+            _count(retry_wait_s=wait)
         raise AssertionError("unreachable")
 
     def get_json(self, url: str, **kw: Any) -> Any:

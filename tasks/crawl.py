@@ -32,6 +32,7 @@ from probex_core.lineage import RELATION_INFERRED, infer_relation, place, repo_k
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
 from storage.catalog import MODELS, TREES, Catalog, sql_in
 from storage.extract import adapter_layer_shapes, header_shapes
+from storage.http import HubRequests, counting
 from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
 from storage.sources import Source, SourceError
@@ -68,6 +69,7 @@ class CrawlSummary:
     watermark: str | None = None  # the stored watermark after this crawl
     next_watermark: str | None = None  # what it may advance to once everything downstream committed
     seconds: float = 0.0
+    hub: HubRequests = field(default_factory=HubRequests)  # what the crawl asked of the source's endpoint
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,23 +197,24 @@ def crawl_source(source: Source, catalog: Catalog, *, since: datetime | None = N
     advance_watermark=False: leave it to the caller (the ingest flow moves it only at the end)."""
     t0 = time.perf_counter()
     summary = CrawlSummary(source.name)
-    if since is None and until is None and incremental:
-        since = catalog.watermark(source.name)
-    records = list_window(source, since, until, limit, on_record)
-    summary.seen = len(records)
-    listed = listed_rows(catalog, records)
-    fresh = new_rows(source, records, listed, summary)
-    existing, known_roots = neighbourhood(catalog, listed, fresh)
-    looked = look_up_parents(source, catalog, existing, fresh, summary)
-    current, superseded = current_view(existing, {**fresh, **looked})
-    to_route, touched = place_by_lineage(current, {**fresh, **looked}, summary, known_roots)
-    if to_route:
-        route_by_weights(source, catalog, current, to_route, summary)
-    if superseded or touched:  # nothing new: no table is read again or written
-        catalog.upsert_models(superseded + touched)
-        summary.per_tree = update_tree_counts(catalog, count_changes(existing, superseded + touched))
-    count_outcomes(current, fresh, summary)
-    move_watermark(catalog, source, records, limit, until, advance_watermark, summary)
+    with counting() as summary.hub:  # listing, parent lookups, adapter headers, routing reads
+        if since is None and until is None and incremental:
+            since = catalog.watermark(source.name)
+        records = list_window(source, since, until, limit, on_record)
+        summary.seen = len(records)
+        listed = listed_rows(catalog, records)
+        fresh = new_rows(source, records, listed, summary)
+        existing, known_roots = neighbourhood(catalog, listed, fresh)
+        looked = look_up_parents(source, catalog, existing, fresh, summary)
+        current, superseded = current_view(existing, {**fresh, **looked})
+        to_route, touched = place_by_lineage(current, {**fresh, **looked}, summary, known_roots)
+        if to_route:
+            route_by_weights(source, catalog, current, to_route, summary)
+        if superseded or touched:  # nothing new: no table is read again or written
+            catalog.upsert_models(superseded + touched)
+            summary.per_tree = update_tree_counts(catalog, count_changes(existing, superseded + touched))
+        count_outcomes(current, fresh, summary)
+        move_watermark(catalog, source, records, limit, until, advance_watermark, summary)
     summary.seconds = time.perf_counter() - t0
     return summary
 

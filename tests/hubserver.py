@@ -34,7 +34,7 @@ requests spend no budget.
 (list / info / resolve / other), always kept, fixed size. `traffic` records every request and
 body bytes per path (on by default for a lake; off for a simulated hub, where it would grow with
 every request). `faults` injects 429s (with Retry-After or RateLimit headers), 5xx, per-repo 404s,
-and stalls (a request read but never answered).
+stalls (a request read but never answered) and a delay on every answer (a distant Hub).
 
 Standalone, so several processes can share one hub (and one budget):
 `python tests/hubserver.py --repos 1000000 --new 1000 --port 8765 --rate-limit api=1000,resolvers=5000`
@@ -65,7 +65,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import numpy as np
-import yaml
 
 from storage.sources import parse
 from storage.sources.local import LocalSource, RepoSnapshot, read_card
@@ -108,6 +107,7 @@ class Faults:
     route: str = "any"  # which requests the counters apply to: "list", "info", "resolve", "any"
     not_found: set[str] = field(default_factory=set)  # repos whose info/files answer 404 (still listed)
     stall_suffix: str | None = None  # requests whose path ends with this are never answered
+    delay_s: float = 0.0  # every request of `route` is answered this late: a distant Hub
 
 
 @dataclass
@@ -224,6 +224,10 @@ class RepoView:
 
     def file(self, path: str) -> FileView | None:
         return next((f for f in self.files if f.path == path), None)
+
+    def paths(self) -> list[str]:
+        """The files' paths alone: what a listing's siblings carry (no sizes to compute)."""
+        return [f.path for f in self.files]
 
     def read(self, path: str, start: int, length: int) -> bytes:
         raise NotImplementedError
@@ -346,20 +350,40 @@ def _h(seed: int, salt: str, i: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{salt}:{i}".encode(), digest_size=8).digest(), "little")
 
 
-def safetensors_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """A safetensors file: u64 header length, the JSON header (padded with spaces to 8 bytes, as
-    the reference writer does), then the tensors' bytes in order."""
-    dtypes = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
-    header, chunks, offset = {}, [], 0
-    for name, arr in tensors.items():
-        data = np.ascontiguousarray(arr).tobytes()
-        header[name] = {"dtype": dtypes[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+_ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
+
+
+def safetensors_header(specs: Mapping[str, tuple[str, tuple[int, ...], int]]) -> bytes:
+    """The length-prefixed header of a safetensors file: u64 length, then the JSON (padded with
+    spaces to 8 bytes, as the reference writer does). specs: name -> (dtype, shape, nbytes), in
+    file order. Known without the tensors' values, so a file's size costs no weights."""
+    header, offset = {}, 0
+    for name, (dtype, shape, nbytes) in specs.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + b"".join(chunks)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """A safetensors file: the header, then the tensors' bytes in order."""
+    arrays = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+    header = safetensors_header({n: (_ST_DTYPES[a.dtype], a.shape, a.nbytes) for n, a in arrays.items()})
+    return header + b"".join(a.tobytes() for a in arrays.values())
+
+
+def front_matter(card: Mapping[str, str | list[str]]) -> str:
+    """YAML of a flat card (string and list-of-string values), written directly: a JSON string is
+    a YAML scalar, so it parses to `card`, at a tenth of yaml.safe_dump's cost (a model info
+    sizes the README of every repo it describes)."""
+    lines = []
+    for key, value in card.items():
+        if isinstance(value, str):
+            lines.append(f"{key}: {json.dumps(value)}")
+        else:
+            lines += [f"{key}:"] + [f"- {json.dumps(item)}" for item in value]
+    return "\n".join(lines) + "\n"
 
 
 class SimulatedHub:
@@ -465,7 +489,7 @@ class SimulatedHub:
         return card
 
     def readme(self, i: int) -> bytes:
-        front = yaml.safe_dump(self.card(i), sort_keys=False, default_flow_style=False)
+        front = front_matter(self.card(i))
         return f"---\n{front}---\n# {self.repo_id(i)}\n\nA simulated model (tree {self.tree(i)}).\n".encode()
 
     def config(self, i: int) -> dict:
@@ -475,16 +499,24 @@ class SimulatedHub:
                 "id2label": {str(k): v for k, v in enumerate(labels)},
                 "label2id": {v: k for k, v in enumerate(labels)}}
 
+    ENCODER = ("encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.bias",
+               "encoder.layer.1.attention.self.value.weight", "encoder.layer.1.output.dense.weight")
+
+    def tensor_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """name -> shape of repo i's tensors, in file order (all F32)."""
+        h, n = self.hidden, len(self.labels(i))
+        return {self.ENCODER[0]: (h, h), self.ENCODER[1]: (h,), self.ENCODER[2]: (h, h), self.ENCODER[3]: (h, h),
+                "classifier.weight": (n, h), "classifier.bias": (n,)}
+
     def tensors(self, i: int) -> dict[str, np.ndarray]:
-        h = self.hidden
+        shapes = self.tensor_shapes(i)
         base = np.random.default_rng([self.seed, self.tree(i), 1])
         noise = np.random.default_rng([self.seed, i, 2])
         out = {}
-        for name, shape in (("encoder.layer.0.attention.self.query.weight", (h, h)),
-                            ("encoder.layer.0.attention.self.query.bias", (h,)),
-                            ("encoder.layer.1.attention.self.value.weight", (h, h)),
-                            ("encoder.layer.1.output.dense.weight", (h, h))):
+        for name in self.ENCODER:
+            shape = shapes[name]
             out[name] = (base.standard_normal(shape) + 0.05 * noise.standard_normal(shape)).astype(np.float32)
+        h = self.hidden
         rows = [np.random.default_rng([self.seed, _LABELS.index(lab), 3]).standard_normal(h) for lab in self.labels(i)]
         out["classifier.weight"] = (np.stack(rows) + 0.05 * noise.standard_normal((len(rows), h))).astype(np.float32)
         out["classifier.bias"] = np.zeros(len(rows), np.float32)
@@ -504,6 +536,12 @@ class SimulatedHub:
 
     def files(self, i: int) -> dict[str, bytes]:
         return {path: self.file_bytes(i, path) for path in self.FILES}
+
+    def weights_size(self, i: int) -> int:
+        """model.safetensors' size from its shapes alone (a listing or model info sizes every
+        repo's weights; generating them would be most of a page's cost)."""
+        specs = {n: ("F32", s, 4 * math.prod(s)) for n, s in self.tensor_shapes(i).items()}
+        return len(safetensors_header(specs)) + sum(nbytes for _, _, nbytes in specs.values())
 
     # -- the server's interface --------------------------------------------------------------------
     def view(self, i: int) -> RepoView:
@@ -558,15 +596,19 @@ class _SimRepo(RepoView):
         return self._contents[path]
 
     def file(self, path: str) -> FileView | None:
-        data = self._content(path) if path in self.hub.FILES else None
-        if data is None:
+        if path not in self.hub.FILES:
             return None
-        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id of the bytes
-        return FileView(path, len(data), blob, self.hub.last_modified_ms(self.i) / 1000)
+        size = self.hub.weights_size(self.i) if path == "model.safetensors" else len(self._content(path))
+        # A stand-in for the git blob id (as a lake's): changes whenever the file does, costs no weights
+        blob = hashlib.sha1(f"sim:{self.hub.seed}:{self.i}:{path}:{size}".encode()).hexdigest()
+        return FileView(path, size, blob, self.hub.last_modified_ms(self.i) / 1000)
 
     @cached_property
     def files(self) -> list[FileView]:  # type: ignore[override]
         return [self.file(path) for path in self.hub.FILES]
+
+    def paths(self) -> list[str]:
+        return list(self.hub.FILES)
 
     def card(self) -> dict | None:
         return self.hub.card(self.i)
@@ -798,11 +840,10 @@ class HubServer:
                 config = repo.config()
                 if config is not None:
                     out["config"] = config
+            elif key == "siblings" and blobs:
+                out["siblings"] = [{"rfilename": f.path, "size": f.size, "blobId": f.blob_id} for f in repo.files]
             elif key == "siblings":
-                out["siblings"] = [
-                    {"rfilename": f.path, **({"size": f.size, "blobId": f.blob_id} if blobs else {})}
-                    for f in repo.files
-                ]
+                out["siblings"] = [{"rfilename": path} for path in repo.paths()]
         return out
 
 
@@ -851,6 +892,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refused(self, route: str) -> bool:
         """Answer an injected fault or a spent budget; True when the request is answered."""
+        if (delay := self.hub.faults.delay_s) and self.hub.faults.route in ("any", route):
+            self.hub.stopping.wait(delay)
         fault = self.hub.take_fault(route)
         if fault is not None:
             status, headers = fault

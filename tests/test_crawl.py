@@ -86,18 +86,34 @@ def test_limit_does_not_advance_the_watermark(lake, tmp_path):
     assert cat.watermark(src.name) is not None
 
 
-def test_hub_and_local_crawls_agree(lake, tmp_path):
+@pytest.mark.parametrize("file_sizes", [False, True])
+def test_hub_and_local_crawls_agree(lake, tmp_path, file_sizes):
     from hubserver import HubServer
 
     local = Catalog(str(tmp_path / "local"))
     crawl_source(LocalSource(lake), local)
     with HubServer(lake, page_size=4) as hub:
         remote = Catalog(str(tmp_path / "remote"))
-        crawl_source(HubSource(endpoint=hub.url, token=None), remote)
+        summary = crawl_source(HubSource(endpoint=hub.url, token=None, file_sizes=file_sizes), remote)
+        counts = hub.counts
     keep = ["repo_id", "sha", "tree_id", "status", "flags", "labels", "files", "last_modified"]
-    a = sorted((tuple(str(r[k]) for k in keep) for r in local.read(MODELS).to_pylist()))
-    b = sorted((tuple(str(r[k]) for k in keep) for r in remote.read(MODELS).to_pylist()))
-    assert a == b
+
+    def rows_of(cat, sized):
+        out = []
+        for r in cat.read(MODELS).to_pylist():
+            r["files"] = r["files"] if sized else [f["path"] for f in r["files"]]  # the listing has no sizes
+            out.append(tuple(str(r[k]) for k in keep))
+        return sorted(out)
+
+    assert rows_of(local, file_sizes) == rows_of(remote, file_sizes)
+    # the summary's counts are the server's: every request, by the Hub's buckets
+    hub_counts = summary.to_dict()["hub"]
+    sent = {route: c["served"] + c["refused"] for route, c in counts.items()}
+    assert hub_counts["requests"] == sum(sent.values()) > 0
+    assert (hub_counts["api"], hub_counts["resolvers"]) == (sent["list"] + sent["info"], sent["resolve"])
+    assert (sent["info"] > summary.looked_up) == file_sizes  # else model info only for parents looked up
+    assert hub_counts["rate_limited"] == hub_counts["retries"] == 0
+    assert crawl_source(LocalSource(lake), local).hub.requests == 0
 
 
 @pytest.mark.parametrize("order", ["oldest_first", "newest_first", "shuffled"])

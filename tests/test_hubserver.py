@@ -11,6 +11,7 @@ import sys
 import time
 import tracemalloc
 import urllib.request
+from dataclasses import replace
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -26,6 +27,7 @@ from minilake import build_lake
 from safetensors.numpy import load as load_safetensors
 
 from storage.http import HttpClient
+from storage.records import RepoFile
 from storage.safetensors_reader import read_header, read_repo_tensors
 from storage.sources import HubSource, LocalSource, RateLimited, RetryPolicy, SourceError, Status, parse
 
@@ -47,24 +49,90 @@ def hub(lake):
         yield server
 
 
-def source(hub, token=None, sleep=time.sleep) -> HubSource:
-    return HubSource(endpoint=hub.url, token=token, http=client(sleep))
+def source(hub, token=None, sleep=time.sleep, **kw) -> HubSource:
+    return HubSource(endpoint=hub.url, token=token, http=client(sleep), **kw)
 
 
-def test_records_identical_to_local_source_across_pages(hub, lake):
-    remote = list(source(hub).list_models())
+def unsized(records):
+    """The records as the listing gives them: every file's size unknown (-1)."""
+    return [replace(r, files=[RepoFile(f.path, -1) for f in r.files]) for r in records]
+
+
+@pytest.mark.parametrize("file_sizes", [False, True])
+def test_records_identical_to_local_source_across_pages(hub, lake, file_sizes):
+    remote = list(source(hub, file_sizes=file_sizes).list_models())
     local = list(LocalSource(lake).list_models())
     assert len(local) == 15
-    assert remote == local  # every field, every status and reason, same order
+    # every field, every status and reason, same order; sizes only from model info
+    assert remote == (local if file_sizes else unsized(local))
     lists = hub.traffic.of("list")
     assert len(lists) == 4 and all(h.status == 200 for h in lists)  # 15 models, 4 a page: Link followed
+    readable = [r for r in local if r.status != Status.BAD_REPO_ID]
+    assert len(hub.traffic.of("info")) == (len(readable) if file_sizes else 0)  # the listing had the rest
     assert {r.status for r in remote} >= {Status.OK, Status.BAD_CARD, Status.NO_CONFIG, Status.BAD_REPO_ID}
-    # Unparseable front matter is not in the API's cardData, so HubSource reads README.md itself,
-    # except when its listed size is over the limit: then it is refused unread, as on disk.
+    # Unparseable front matter is not in the API's cardData, so HubSource reads README.md itself.
+    # One over the limit: refused unread when its size is known, else after at most limit + 1 bytes.
     cards = [h.path for h in hub.traffic.of("resolve") if h.path.endswith("/README.md")]
     fetched = {path.split("/resolve/")[0].lstrip("/") for path in cards}
-    assert {"org/bad-yaml", "org/alias"} <= fetched and "org/huge-card" not in fetched
-    assert hub.traffic.body_bytes.get(f"/org/huge-card/resolve/{local[2].sha}/README.md", 0) == 0
+    assert {"org/bad-yaml", "org/alias"} <= fetched and ("org/huge-card" in fetched) != file_sizes
+    huge = hub.traffic.body_bytes.get(f"/org/huge-card/resolve/{local[2].sha}/README.md", 0)
+    assert huge == 0 if file_sizes else 0 < huge <= parse.MAX_CARD_BYTES + 1
+
+
+def test_listed_repos_are_read_concurrently_and_yielded_in_listing_order(hub):
+    hub.faults.route, hub.faults.delay_s = "resolve", 0.2  # a distant Hub: each config GET 0.2 s
+    t0 = time.monotonic()
+    serial = list(source(hub, workers=1).list_models())
+    serial_s, t0 = time.monotonic() - t0, time.monotonic()
+    parallel = list(source(hub, workers=8).list_models())
+    parallel_s = time.monotonic() - t0
+    assert parallel == serial and len(serial) == 15
+    assert serial_s > 2.0 and parallel_s < serial_s / 2, (serial_s, parallel_s)
+
+
+def test_in_order_keeps_order_bounds_lookahead_and_raises_where_a_loop_would():
+    import random
+    import threading
+
+    from storage.sources.hub import in_order
+
+    pulled, started = [], []
+    lock = threading.Lock()
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise SourceError(f"page {i} failed")
+            pulled.append(i)
+            yield i
+
+    def work(i):
+        with lock:
+            started.append(i)
+        time.sleep(random.random() / 200)
+        if i == 13:
+            raise ValueError("item 13")
+        return i * 10
+
+    it = in_order(work, items(40), workers=4)
+    assert next(it) == 0 and len(pulled) <= 2 * 4 + 1  # taken ahead: at most 2 x workers
+    got = [0]
+    with pytest.raises(ValueError, match="item 13"):
+        for value in it:
+            got.append(value)
+    assert got == [i * 10 for i in range(13)]  # every result before the failing item, in order
+    pulled.clear()
+    got = []
+    with pytest.raises(SourceError, match="page 6"):
+        for value in in_order(work, items(40, fail_at=6), workers=4):
+            got.append(value)
+    assert got == [i * 10 for i in range(6)]  # a failing listing: first the results before it
+    started.clear()
+    it = in_order(work, items(1000), workers=4)
+    next(it)
+    it.close()  # a consumer that stops: nothing more starts
+    assert len(started) <= 2 * 4 + 1
+    assert list(in_order(work, range(5), workers=1)) == [0, 10, 20, 30, 40]
 
 
 def test_window_stops_paging_early(hub, lake):
@@ -87,17 +155,20 @@ def test_listing_429_waits_retry_after_then_succeeds(hub, lake):
     assert waits == [0.05]  # Retry-After: 0, floored at the policy's base wait
 
 
-def test_model_info_429_honours_retry_after(hub, lake):
-    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "info", 2, "1"
+@pytest.mark.parametrize("route, file_sizes", [("resolve", False), ("info", True)])
+def test_per_repo_429_honours_retry_after(hub, lake, route, file_sizes):
+    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = route, 2, "1"
     waits: list[float] = []
-    got = list(source(hub, sleep=waits.append).list_models(limit=2))  # the newest has a bad id: no info
-    assert got == list(LocalSource(lake).list_models(limit=2))
-    assert [h.status for h in hub.traffic.of("info")] == [429, 429, 200]
+    # the newest has a bad id (nothing read): one repo read, its config GET (and model info)
+    got = list(source(hub, sleep=waits.append, file_sizes=file_sizes).list_models(limit=2))
+    local = list(LocalSource(lake).list_models(limit=2))
+    assert got == (local if file_sizes else unsized(local))
+    assert [h.status for h in hub.traffic.of(route)] == [429, 429, 206 if route == "resolve" else 200]  # ranged
     assert waits == [1.0, 1.0]
 
 
 def test_ratelimit_header_reset_is_honoured(hub):
-    hub.faults.route, hub.faults.rate_limited = "info", 1
+    hub.faults.route, hub.faults.rate_limited = "resolve", 1
     hub.faults.retry_after, hub.faults.ratelimit_reset = None, 1  # `RateLimit: "api";r=0;t=1`
     waits: list[float] = []
     list(source(hub, sleep=waits.append).list_models(limit=2))
@@ -108,25 +179,25 @@ def test_server_errors_back_off_exponentially(hub, lake):
     hub.faults.route, hub.faults.server_errors = "resolve", 2  # the config.json GET of org/nested
     waits: list[float] = []
     got = list(source(hub, sleep=waits.append).list_models(limit=2))
-    assert got == list(LocalSource(lake).list_models(limit=2))
+    assert got == unsized(LocalSource(lake).list_models(limit=2))
     assert waits == [0.05, 0.1]
-    assert [h.status for h in hub.traffic.of("resolve")] == [503, 503, 200]
+    assert [h.status for h in hub.traffic.of("resolve")] == [503, 503, 206]  # a ranged GET, bounded
 
 
 def test_retries_are_bounded(hub):
-    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "info", 100, None
+    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "resolve", 100, None
     waits: list[float] = []
-    with pytest.raises(RateLimited, match="after 3 retries"):
-        list(source(hub, sleep=waits.append).list_models(since=None, limit=3))
-    assert len(hub.traffic.of("info")) == 4 and waits == [0.05, 0.1, 0.2]
+    with pytest.raises(RateLimited, match="after 3 retries"):  # one reader: the first repo's tries, exactly
+        list(source(hub, sleep=waits.append, workers=1).list_models(since=None, limit=3))
+    assert len(hub.traffic.of("resolve")) == 4 and waits == [0.05, 0.1, 0.2]
 
 
 def test_too_long_retry_after_stops_instead_of_sleeping(hub):
-    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "info", 1, "3600"
+    hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "resolve", 1, "3600"
     waits: list[float] = []
     with pytest.raises(RateLimited, match="wait 3600 s"):
-        list(source(hub, sleep=waits.append).list_models(limit=3))
-    assert waits == [] and len(hub.traffic.of("info")) == 1
+        list(source(hub, sleep=waits.append, workers=1).list_models(limit=3))
+    assert waits == [] and len(hub.traffic.of("resolve")) == 1
 
 
 def test_404_marks_the_repo_not_the_run(hub, lake):
@@ -135,7 +206,7 @@ def test_404_marks_the_repo_not_the_run(hub, lake):
     assert len(recs) == 15
     gone = recs["org/child-ft"]
     assert gone.status == Status.NOT_FOUND and "404" in gone.reason and gone.sha and gone.files == []
-    local = {r.repo_id: r for r in LocalSource(lake).list_models()}
+    local = {r.repo_id: r for r in unsized(LocalSource(lake).list_models())}
     assert all(recs[k] == local[k] for k in local if k != "org/child-ft")
 
 
@@ -209,18 +280,20 @@ def test_listing_params_and_model_info_shapes(hub, lake):
 
 
 def test_unexpected_http_error_stops_the_run_with_a_clear_error(hub):
-    hub.faults.route, hub.faults.server_errors, hub.faults.server_error_status = "info", 1, 403
-    with pytest.raises(SourceError, match="HTTP 403 for 'org/nested'.*HF_TOKEN"):
-        list(source(hub).list_models())
+    hub.faults.route, hub.faults.server_errors, hub.faults.server_error_status = "resolve", 1, 403
+    with pytest.raises(SourceError, match="HTTP 403 for 'org/nested'.*HF_TOKEN"):  # one reader: the first repo
+        list(source(hub, workers=1).list_models())
 
 
 def test_model_info_rereads_one_repo_like_the_listing(hub, lake):
     import pickle
 
-    src = source(hub)
+    src = source(hub, file_sizes=True)
     listed = {r.repo_id: r for r in src.list_models()}
     assert src.model_info("org/child-ft", listed["org/child-ft"].sha) == listed["org/child-ft"]
     assert src.model_info("org/child-ft") == listed["org/child-ft"]  # no sha: the current one
+    assert unsized([src.model_info("org/child-ft")]) == [r for r in source(hub).list_models()
+                                                         if r.repo_id == "org/child-ft"]
     hub.faults.not_found = {"org/child-ft"}
     assert src.model_info("org/child-ft").status == Status.NOT_FOUND
     opener = pickle.loads(pickle.dumps(src.opener("org/child-lora", listed["org/child-lora"].sha)))
@@ -231,7 +304,7 @@ def test_model_info_rereads_one_repo_like_the_listing(hub, lake):
 # --- the simulated Hub at scale (issue 18, item 2) ---------------------------------------------------
 
 MILLION = 1_000_000
-LISTED = {"_id", "id", "sha", "lastModified", "createdAt"}  # what HubSource's listing expands to
+LISTED = {"_id", "id", "sha", "lastModified", "createdAt"}  # a listing asked for these alone
 
 
 class FakeClock:
@@ -279,8 +352,10 @@ def test_simulated_listing_pages_newest_first_with_hubsource(sim):
     default = raw_get(f"{sim.url}/api/models", params={"limit": 2}).json()
     assert len(default) == 2 and set(default[0]) == {"_id", *hubserver.LISTING_DEFAULT}
     assert default[0]["tags"] == ["simulated", default[0]["id"].split("/")[1].split("-")[0]]
-    # records: model info and config.json per repo; lineage from the card's base_model
+    # records: the listing's siblings and cardData, config.json per repo; lineage from base_model
+    sim.reset_counts()
     recs = list(src.list_models(limit=3))
+    assert sim.counts["info"]["served"] == 0 and sim.counts["resolve"]["served"] == 3
     assert [r.repo_id for r in recs] == [m.id for m in listed[:3]]
     for r in recs:
         i = sim.sim.index(r.repo_id)
@@ -375,7 +450,7 @@ def test_rate_limit_answers_429_and_the_client_waits_the_advised_reset():
     policy = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=60, jitter=0)
     with HubServer(repos=MILLION, page_size=10, rate_limit={"api": 3}, window_s=10, clock=clock) as hub:
         http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=clock.sleep)
-        src = HubSource(endpoint=hub.url, token=False, http=http)
+        src = HubSource(endpoint=hub.url, token=False, http=http, file_sizes=True)
         got = list(src.list_models(limit=3))  # 1 page + 3 infos: the 3rd info is over the budget of 3
         assert [r.repo_id for r in got] == [hub.sim.repo_id(i) for i in (MILLION - 1, MILLION - 2, MILLION - 3)]
         assert clock.waits == [10.0]  # RateLimit reset (r=0;t=10) of a fresh 10 s window
@@ -426,13 +501,13 @@ def test_rate_limit_with_a_real_short_window():
         time.sleep(seconds)
 
     policy = RetryPolicy(max_retries=4, base_wait_s=0.05, max_wait_s=5, jitter=0)
-    with HubServer(repos=MILLION, page_size=5, rate_limit={"api": 1}, window_s=1) as hub:
+    with HubServer(repos=MILLION, page_size=5, rate_limit={"api": 1, "resolvers": 1}, window_s=1) as hub:
         http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=sleep)
         got = list(HubSource(endpoint=hub.url, token=False, http=http).list_models(limit=2))
         assert [r.status for r in got] == [Status.OK, Status.OK]
-        served = hub.counts["list"]["served"] + hub.counts["info"]["served"]
-        refused = hub.counts["list"]["refused"] + hub.counts["info"]["refused"]
-        assert served == 3 and refused == len(waits) and all(w == 1.0 for w in waits)
+        served = sum(c["served"] for c in hub.counts.values())  # 1 page, 2 configs
+        refused = sum(c["refused"] for c in hub.counts.values())
+        assert served == 3 and refused == len(waits) > 0 and all(w == 1.0 for w in waits)
 
 
 def test_counts_stats_and_new_repos_through_the_control_endpoints(sim):
@@ -440,7 +515,7 @@ def test_counts_stats_and_new_repos_through_the_control_endpoints(sim):
     with urllib.request.urlopen(f"{sim.url}/_sim/stats", timeout=10) as resp:
         stats = json.load(resp)
     assert stats["counts"] == sim.counts == {
-        "list": {"served": 1, "refused": 0}, "info": {"served": 2, "refused": 0},
+        "list": {"served": 1, "refused": 0}, "info": {"served": 0, "refused": 0},
         "resolve": {"served": 2, "refused": 0}, "other": {"served": 0, "refused": 0}}
     assert (stats["repos"], stats["new"], stats["total"], stats["trees"]) == (MILLION, 0, MILLION, MILLION // 10)
     req = urllib.request.Request(f"{sim.url}/_sim/new?count=1000", method="POST")
@@ -545,6 +620,6 @@ def test_a_lake_hub_can_be_rate_limited_too(lake):
     policy = RetryPolicy(max_retries=3, base_wait_s=0.05, max_wait_s=60, jitter=0)
     with HubServer(lake, page_size=4, rate_limit={"api": 2}, window_s=5, clock=clock) as hub:
         http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=policy, sleep=clock.sleep)
-        got = list(HubSource(endpoint=hub.url, token=False, http=http).list_models(limit=3))
-    assert got == list(LocalSource(lake).list_models(limit=3))
+        got = list(HubSource(endpoint=hub.url, token=False, http=http, file_sizes=True).list_models(limit=3))
+    assert got == list(LocalSource(lake).list_models(limit=3))  # 1 page + 2 infos: one over the 2
     assert clock.waits == [5.0] and hub.counts["info"]["refused"] == 1

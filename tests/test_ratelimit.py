@@ -154,14 +154,16 @@ def test_bucket_of_a_url():
 
 
 class RecordingLimiter:
-    """Records what HttpClient asks of a limiter (the Prefect one is exercised below)."""
+    """Records what HttpClient asks of a limiter (the Prefect one is exercised below); says it
+    waited `wait` seconds for each slot."""
 
-    def __init__(self):
+    def __init__(self, wait: float = 0.0):
         self.asked: list[str] = []
+        self.wait = wait
 
     def acquire(self, bucket: str) -> float:
         self.asked.append(bucket)
-        return 0.0
+        return self.wait
 
 
 def test_a_429_with_retry_after_is_retried_after_the_wait_and_counted():
@@ -192,6 +194,43 @@ def test_the_last_429_is_counted_and_raised():
     with pytest.raises(RateLimited):
         http.request("GET", "http://hub.test/api/models", token=False, session=session)
     assert http_counts()["rate_limited"] - before == 3
+
+
+def test_crawl_and_extraction_summaries_count_requests_429s_and_waits_as_the_hub_counts(tmp_path):
+    """What `probex crawl` / `ingest` print about rate-limit pressure: the crawl's requests (its
+    reader threads' included) and each extracted model's, against the server's own counters."""
+    from storage.catalog import Catalog
+    from storage.extract import ExtractJob, extract_model
+    from storage.http import HubRequests
+    from tasks.crawl import crawl_source
+
+    waits: list[float] = []
+    limiter = RecordingLimiter(wait=0.25)
+    http = HttpClient(connect_timeout_s=5, read_timeout_s=10, retry=RETRY, sleep=waits.append, limiter=limiter)
+    with HubServer(repos=30, page_size=10) as hub:
+        src = HubSource(endpoint=hub.url, token=False, http=http)
+        hub.faults.rate_limited, hub.faults.retry_after, hub.faults.route = 3, "2", "resolve"
+        crawl = crawl_source(src, Catalog(str(tmp_path / "catalog"))).hub
+        crawled = hub.counts
+        hub.reset_counts()
+        hub.faults.rate_limited = 2
+        sim, layer = hub.sim, "encoder.layer.0.attention.self.query.weight"
+        jobs = [ExtractJob(src.opener(sim.repo_id(i), sim.sha(i)), sim.repo_id(sim.tree(i)), sim.FILES, (layer,),
+                           str(tmp_path / "shards")) for i in range(20, 25)]
+        results = [extract_model(job) for job in jobs]  # what a worker returns, its counts inside
+        extracted = hub.counts
+    assert crawl.requests == sum(c["served"] + c["refused"] for c in crawled.values()) == 3 + 30 + 3
+    assert (crawl.api, crawl.resolvers) == (3, 33)  # 3 listing pages; 30 configs and 3 refused tries
+    assert crawl.rate_limited == crawl.retries == sum(c["refused"] for c in crawled.values()) == 3
+    assert crawl.retry_wait_s == 6.0 and crawl.limiter_acquired == crawl.requests
+    assert crawl.limiter_wait_s == pytest.approx(0.25 * crawl.requests)
+    assert all(r.status == "ok" for r in results)
+    total = HubRequests()
+    for r in results:
+        total.add(r.hub)
+    assert total.requests == total.resolvers == sum(c["served"] + c["refused"] for c in extracted.values())
+    assert total.rate_limited == extracted["resolve"]["refused"] == 2 and total.retry_wait_s == 4.0
+    assert waits == [2.0] * 5
 
 
 # --- the shared budget, with a Prefect server, a crawler and two worker processes -------------------
@@ -229,8 +268,9 @@ def worker_load(endpoint: str, http: HttpClient, repo_ids: list[str]) -> dict:
 def _run_load(api_url: str | None, name: str) -> tuple[dict, list[dict]]:
     """The crawler (this process) lists and reads the 48 newest repos while two Dask worker
     processes read 12 of the oldest each, all through HttpClient against one rate-limited hub;
-    returns the hub's counts and each process's http_counts() difference. The crawler alone sends
-    54 API calls in well under a second when nothing holds it back: more than two windows' budget,
+    returns the hub's counts and each process's http_counts() difference. The crawler (reading
+    model info per repo, for sizes) alone sends 54 API calls in well under a second when nothing
+    holds it back: more than two windows' budget,
     so without the shared limiter some are refused whatever the windows' alignment."""
     from distributed import Client, LocalCluster
 
@@ -245,7 +285,8 @@ def _run_load(api_url: str | None, name: str) -> tuple[dict, list[dict]]:
             futures = [client.submit(worker_load, hub.url, http, ids[k::2], workers=[w], pure=False)
                        for k, w in enumerate(workers)]
             before = http_counts()
-            records = list(HubSource(endpoint=hub.url, token=False, http=http).list_models(limit=48))
+            crawler = HubSource(endpoint=hub.url, token=False, http=http, file_sizes=True)  # model info per repo
+            records = list(crawler.list_models(limit=48))
             after = http_counts()
             per_process = [{k: after[k] - before[k] for k in after}] + client.gather(futures, errors="raise")
         counts = hub.counts
