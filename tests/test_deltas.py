@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from probex_core.data import ExpertError, LayerDataset, WeightBatch, WeightRow, concat_datasets
+from probex_core.data import ExpertError, LayerDataset, WeightRow, concat_datasets
 from probex_core.probex import ProbeX, ProbeXConfig
 from probex_core.train import (TrainConfig, build_probex, config_for, embed, evaluate,
                                representations, train_expert)
@@ -368,7 +368,6 @@ def mixed_home(tiny_lake, tmp_path_factory):
 
 def test_mixed_tree_end_to_end(mixed_home, tiny_lake):
     from storage.experts import load_current
-    from storage.shards import read_layer
     from tasks.pipeline import catalog_for
     from tasks.train import load_layer, tree_root
 
