@@ -533,7 +533,16 @@ def bench_cluster() -> None:
     save("cluster", doc)
 
 
-SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "cluster": bench_cluster, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+def bench_compact() -> None:
+    """Issue 18, item 4: one tree's layer of 100k models as small files, then compacted: files,
+    DuckDB scan time and the compaction's seconds (`scripts/bench_compact.py`)."""
+    import bench_compact
+
+    doc = bench_compact.bench(BENCH, log=lambda m: print(m, file=sys.stderr))
+    save("compact", doc)
+
+
+SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "cluster": bench_cluster, "compact": bench_compact, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
             "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 
@@ -557,7 +566,7 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     if not args.render_only:
-        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines", "scale", "cluster")]:
+        for name in args.sections or [s for s in SECTIONS if s not in ("lake", "fresh_clone", "train_full", "train_full_baselines", "scale", "cluster", "compact")]:
             if name == "lake":
                 bench_lake(args.sizes, args.reuse)
             else:

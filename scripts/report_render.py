@@ -329,6 +329,28 @@ def cluster(doc: dict) -> list[str]:
     return lines
 
 
+def compact(doc: dict) -> list[str]:
+    side, n, new = doc["side"], doc["models"], doc["new"]
+    b, a, an = doc["before"], doc["after"], doc["after_nightly"]
+    c, nc = doc["compaction"], doc["nightly_compaction"]
+    lines = ["## Shard compaction (issue 18)", _machine(doc), "",
+             f"One tree's layer of {n:,} models ({side}x{side} float32 each) written as the small files "
+             "extraction leaves, then compacted (`storage/compaction.py`); then a nightly's "
+             f"{new:,} new models' files folded into it. The scan is DuckDB's `count(*), sum(len(X))` over "
+             f"`read_parquet` of the layer folder, no project code, best of {doc['repeats']}. Targets: after "
+             "compaction <= 1 file per run's worth of new rows plus one per compaction; the scan >= 5x faster "
+             "at 100k models. Rerun: `scripts/benchmark.py compact` (not in the default run).", ""]
+    lines += _table(["layer", "files", "MiB on disk", "DuckDB scan s", "rows"],
+                    [["small files", b["files"], b["bytes"] / 2**20, b["scan_s"], b["rows"]],
+                     ["compacted", a["files"], a["bytes"] / 2**20, a["scan_s"], a["rows"]],
+                     [f"+ {new:,} new, compacted", an["files"], an["bytes"] / 2**20, an["scan_s"], an["rows"]]])
+    lines += ["", f"Scan {_f(doc['scan_speedup'], 1)}x faster after compaction (target >= 5x). Compaction of "
+                  f"{c['folded']:,} small files: {_f(c['seconds'], 1)} s ({c['parts_written']} part); of the "
+                  f"nightly's {nc['folded']:,}: {_f(nc['seconds'], 2)} s. Writing the {n:,} small files took "
+                  f"{_f(doc['write_s'], 0)} s ({_f(doc['write_ms_per_file'], 2)} ms a file).", ""]
+    return lines
+
+
 def micro(doc: dict) -> list[str]:
     lines = ["## Small costs (issue 16: moved here from timed tests)", _machine(doc), "",
              "ProbeX forward on 64 LoRA rows of 384x384 at rank 8, factored (never forming X) vs the "
@@ -349,7 +371,7 @@ def design_notes(doc: dict) -> list[str]:
 
 SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
-            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("cluster", cluster), ("micro", micro), ("design_notes", design_notes)]
+            ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("cluster", cluster), ("compact", compact), ("micro", micro), ("design_notes", design_notes)]
 
 
 def render(store: Path) -> str:

@@ -130,16 +130,21 @@ def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[str]:
             tree, layer, name = _parts(row.tree_id, row.layer, row.repo_id, row.sha)
             folder = join(base, tree, layer)
             remove_stale_tmp(fs, folder, name)  # left by a killed writer
-            buf = pa.BufferOutputStream()
-            # Weights barely compress and never repeat: dictionary encoding and statistics on float
-            # lists cost write time for nothing; zstd level 1 keeps what compression there is.
-            pq.write_table(row.to_table(), buf, compression="zstd", compression_level=1,
-                           use_dictionary=False, write_statistics=False)
             # One whole object (a shard is one layer of one model, MiBs): nothing is uploaded
             # under a name a reader lists until every byte is there.
-            publish(fs, join(folder, name), buf.getvalue().to_pybytes())
+            publish(fs, join(folder, name), encode_table(row.to_table()))
             paths.append(join(root, tree, layer, name))
     return paths
+
+
+def encode_table(table: pa.Table) -> bytes:
+    """A small file's bytes for a one-row table of SHARD_SCHEMA (what write_rows writes)."""
+    buf = pa.BufferOutputStream()
+    # Weights barely compress and never repeat: dictionary encoding and statistics on float
+    # lists cost write time for nothing; zstd level 1 keeps what compression there is.
+    pq.write_table(table, buf, compression="zstd", compression_level=1, use_dictionary=False,
+                   write_statistics=False)
+    return buf.getvalue().to_pybytes()
 
 
 # --- what a layer folder holds: small files and parts ---------------------------------------
