@@ -10,21 +10,23 @@ GPU=1`) both ask for one; the device itself is chosen on the worker that runs th
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 
 from flows.common import dask_runner, publish, settings
 from flows.ingest import run_extract
-from tasks.dask_cluster import cluster_gpus, on_gpus, quiet_cluster_config
-from tasks.pipeline import CLUSTER_TRAIN_TIMEOUT_S, embed_task, list_trees_task, train_tree_task
+from tasks.dask_cluster import cluster_gpus, cluster_slots, on_gpus, quiet_cluster_config, submit_bounded
+from tasks.pipeline import CLUSTER_TRAIN_TIMEOUT_S, embed_task, largest_first, list_trees_task, train_tree_task
 
 
 @flow(name="train-trees", validate_parameters=False)  # the reports are our own typed records
-def train_trees(home: str | None, trees: list[str], gpus: float = 0) -> tuple[dict, object | None]:
-    """One training task per tree side by side on the Dask runner, then one embedding task for the
-    promoted trees (each tree's models in one batch) on the same workers. `gpus`: what the
-    cluster advertises (0: any worker)."""
+def train_trees(home: str | None, trees: list[str], gpus: float = 0, slots: int = 1) -> tuple[dict, object | None]:
+    """One training task per tree on the Dask runner, `slots` side by side (largest tree first, the
+    next as one finishes), then one embedding task for the promoted trees (each tree's models in
+    one batch) on the same workers. `gpus`: what the cluster advertises (0: any worker)."""
     with on_gpus(gpus):
-        futures = {t: train_tree_task.submit(home, t) for t in trees}
-        reports = {t: f.result(timeout=CLUSTER_TRAIN_TIMEOUT_S) for t, f in futures.items()}
+        futures = submit_bounded(trees, lambda t: train_tree_task.submit(home, t), slots,
+                                 lambda pending: next(as_completed(pending, timeout=CLUSTER_TRAIN_TIMEOUT_S)))
+        reports = {t: futures[t].result(timeout=CLUSTER_TRAIN_TIMEOUT_S) for t in trees}
         promoted = [t for t, r in reports.items() if r.promoted]
         # One task, not one per tree: embedding writes one LanceDB table, and parallel writers
         # of one table would conflict on its commits.
@@ -44,8 +46,10 @@ def train_experts(trees: list[str] | None = None, home: str | None = None) -> di
     gpus = cluster_gpus(s.dask_address)
     reports, embed = {}, None
     if names:
+        slots = cluster_slots(s.dask_address, s.dask_workers, gpus)
         with quiet_cluster_config():  # prefect-dask starts its LocalCluster inside
-            reports, embed = train_trees.with_options(task_runner=dask_runner(s))(home, names, gpus)
+            reports, embed = train_trees.with_options(task_runner=dask_runner(s))(
+                home, largest_first(s, names), gpus, slots)
     embed = embed.to_dict() if embed is not None else {"trees": {}, "skipped": {}, "tag": None}
     publish("train-summary", "train experts", {
         t: {"task": r.task, "layer": r.layer, "val": r.val, "promoted": r.promoted,

@@ -325,3 +325,11 @@ def _values(column: pa.ListArray, i: int) -> np.ndarray | None:
     start, end = column.offsets[i].as_py(), column.offsets[i + 1].as_py()
     # A writable copy: torch refuses to wrap Arrow's read-only buffers without a warning.
     return column.values.slice(start, end - start).to_numpy(zero_copy_only=False).copy()
+
+
+def tree_bytes(root: str | os.PathLike, tree_id: str) -> int:
+    """Bytes of a tree's shards, every layer (small files and parts): what training it reads."""
+    fs, base = resolve(root, ENV_SHARDS)
+    with translate(root, ENV_SHARDS):
+        infos = listdir(fs, join(base, f"tree={slug(tree_id)}"), recursive=True)
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))

@@ -98,6 +98,15 @@ def cluster_gpus(address: str | None) -> float:
         return advertised(client)
 
 
+def cluster_slots(address: str | None, local_workers: int, gpus: float) -> int:
+    """`training_slots` of the scheduler at `address`, or of the LocalCluster of `local_workers`
+    that a runner would start without one."""
+    if not address:
+        return training_slots(None, gpus) if gpus > 0 else max(1, local_workers)
+    with dask_client(address) as client:
+        return training_slots(client, gpus)
+
+
 def gpu_resources(gpus: float) -> dict[str, float] | None:
     """The resources a training or embedding task asks for: one GPU when the cluster advertises
     any (so each runs on a GPU worker, one per device at a time), else none (any worker)."""
@@ -127,3 +136,30 @@ def use_worker_threads() -> int | None:
         return None
     set_default_threads(n)
     return n
+
+
+def training_slots(client, gpus: float) -> int:
+    """How many trees train at once: one per GPU the cluster advertises, else one per worker (a
+    training task takes every thread of its worker, so a second one there would only halve both)."""
+    if gpus > 0:
+        return max(1, int(gpus))
+    return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+
+
+def submit_bounded(items: list, submit, slots: int, first_done) -> dict:
+    """Submit `items` in their order with at most `slots` in flight, the next one as soon as one
+    finishes; returns {item: future}. `first_done(pending)` blocks until one of `pending` is done
+    and returns it (the caller's futures may be Dask's or Prefect's).
+
+    Handed a few tasks at once, the scheduler places each on submission without knowing how long
+    it takes, so a second tree can wait behind the first on one worker while another worker
+    idles. Items in decreasing cost make this the longest-first rule."""
+    futures, pending = {}, []
+    queue = list(items)
+    while queue or pending:
+        while queue and len(pending) < slots:
+            item = queue.pop(0)
+            futures[item] = submit(item)
+            pending.append(futures[item])
+        pending.remove(first_done(pending))
+    return futures

@@ -16,9 +16,11 @@ from probex_core.settings import Settings, apply_runtime_env, configure
 from probex_core.errors import ProbexError
 from storage.catalog import MODELS, Catalog, sql_in, sql_literal
 from storage.extract import ExtractJob, ExtractResult
+from storage.shards import tree_bytes
 from storage.sources import SourceError, open_source
 from tasks.crawl import CrawlSummary, crawl_source
-from tasks.dask_cluster import advertised, check_scheduler, dask_client, gpu_resources, use_worker_threads
+from tasks.dask_cluster import (advertised, check_scheduler, dask_client, gpu_resources, submit_bounded,
+                                training_slots, use_worker_threads)
 from tasks.embed import embed_trees
 from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
 from tasks.window import changed_rows
@@ -170,17 +172,29 @@ def train_on_cluster(settings: Settings, ids: list[str], layers: list[str] | Non
     from distributed import wait
 
     with dask_client(settings.dask_address) as client:
-        resources = gpu_resources(advertised(client))
-        futures = {t: client.submit(train_tree_on_worker, settings, t, layers, tuple(strategies),
-                                    resources=resources, pure=False, key=f"train-tree-{uuid.uuid4().hex[:12]}")
-                   for t in ids}
+        gpus = advertised(client)
+        resources = gpu_resources(gpus)
+
+        def submit(tree_id):
+            return client.submit(train_tree_on_worker, settings, tree_id, layers, tuple(strategies),
+                                 resources=resources, pure=False, key=f"train-tree-{uuid.uuid4().hex[:12]}")
+
+        def first_done(pending):
+            done = wait(pending, timeout=CLUSTER_TRAIN_TIMEOUT_S, return_when="FIRST_COMPLETED").done
+            return next(iter(done))
+
         try:
-            wait(list(futures.values()), timeout=CLUSTER_TRAIN_TIMEOUT_S)
+            futures = submit_bounded(largest_first(settings, ids), submit, training_slots(client, gpus), first_done)
         except TimeoutError:
-            left = [t for t, f in futures.items() if not f.done()]
-            raise ProbexError(f"training {', '.join(left)} did not finish within {CLUSTER_TRAIN_TIMEOUT_S} s on "
+            raise ProbexError(f"a tree's training did not finish within {CLUSTER_TRAIN_TIMEOUT_S} s on "
                               f"{settings.dask_address}; are workers{' with GPU' if resources else ''} still up?") from None
-        return {t: f.result() for t, f in futures.items()}
+        return {t: futures[t].result() for t in ids}
+
+
+def largest_first(settings: Settings, ids: list[str]) -> list[str]:
+    """Trees in decreasing order of their shards' bytes: training time grows with the data it
+    reads (a tree of dense matrices costs more than a larger one of LoRA factors)."""
+    return sorted(ids, key=lambda t: -tree_bytes(settings.shards, t))
 
 
 def train_tree_on_worker(settings: Settings, tree_id: str, layers: list[str] | None, strategies) -> dict:
