@@ -9,8 +9,16 @@ process, as a scheduled one does: crawl over HTTP from the watermark, plan, extr
 layer of the new models on Dask, embed them. Its seconds per stage and peak RSS are what the
 issue compares across sizes.
 
+Each nightly also records what it asked of the Hub per stage (the server's counts between
+stages, by endpoint class) and its per-model work (worker seconds, bytes read): the per-model
+costs `scripts/hub_projection.py` projects to the real Hub. `listing_throughput` measures
+HubSource.list_models against a simulated Hub in its own process, not rate-limited.
+
     .venv/bin/python scripts/benchmark.py scale          # all sizes (writes docs/bench/scale.json)
     .venv/bin/python scripts/bench_scale.py nightly HOME ENDPOINT   # one nightly (what the above runs)
+    .venv/bin/python scripts/bench_scale.py costs        # the smallest size's nightly + the listing:
+                                                         # $PROBEX_BENCH_DIR/hub_costs.json (~1 min)
+    .venv/bin/python scripts/bench_scale.py listing      # listing throughput alone (printed)
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +40,8 @@ TREES = 100  # the same trees at every size, so a nightly's new repos touch as m
 NEW = 1000
 LAYER = "encoder.layer.0.attention.self.query.weight"  # the simulated repos' 8x8 query projection
 BATCH = 50_000
+BENCH = Path(os.environ.get("PROBEX_BENCH_DIR", "/tmp/probex-bench"))
+ROUTES = ("list", "info", "resolve")
 
 
 def _vm(key: str) -> int:
@@ -167,10 +178,19 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _sent(endpoint: str) -> dict[str, int]:
+    """Requests the simulated Hub has answered per endpoint class (429s included): its control
+    route, which it does not count."""
+    with urllib.request.urlopen(f"{endpoint}/_sim/stats", timeout=10) as resp:
+        counts = json.load(resp)["counts"]
+    return {route: counts[route]["served"] + counts[route]["refused"] for route in ROUTES}
+
+
 def nightly(home: Path, endpoint: str) -> dict:
     """One nightly as the ingest flow runs it, timed per stage, in this process."""
     from probex_core.settings import Settings, apply_runtime_env
     from storage.catalog import Catalog
+    from storage.http import HubRequests
     from storage.sources import open_source
     from tasks.crawl import crawl_source
     from tasks.embed import embed_trees
@@ -179,32 +199,37 @@ def nightly(home: Path, endpoint: str) -> dict:
 
     s = Settings.load(home)
     apply_runtime_env(s)
-    stages, rss = {}, {"start_mb": _vm("VmRSS") / 1024}
+    stages, rss, sent = {}, {"start_mb": _vm("VmRSS") / 1024}, {}
     cat = Catalog(s.catalog, create=False)
     source = open_source(f"hub:{endpoint}")
     since = cat.watermark(source.name)
 
-    t0 = time.perf_counter()
-    crawl = crawl_source(source, cat, since=since, advance_watermark=False)
-    stages["crawl"] = time.perf_counter() - t0
-    rss["after_crawl_mb"] = _vm("VmHWM") / 1024
-    t0 = time.perf_counter()
-    jobs, _ = plan_extraction(s, mode="auto", since=since)
-    stages["plan"] = time.perf_counter() - t0
-    rss["after_plan_mb"] = _vm("VmHWM") / 1024
-    t0 = time.perf_counter()
-    extract = run_extraction(jobs, n_workers=2)
-    stages["extract"] = time.perf_counter() - t0
-    rss["after_extract_mb"] = _vm("VmHWM") / 1024
-    t0 = time.perf_counter()
-    embed = embed_trees(cat, s.shards, str(s.experts), since=since)
-    stages["embed"] = time.perf_counter() - t0
+    def stage(name: str, fn):
+        before, t0 = _sent(endpoint), time.perf_counter()
+        out = fn()
+        stages[name] = time.perf_counter() - t0
+        after = _sent(endpoint)
+        sent[name] = {route: after[route] - before[route] for route in ROUTES}
+        rss[f"after_{name}_mb"] = _vm("VmHWM") / 1024
+        return out
+
+    crawl = stage("crawl", lambda: crawl_source(source, cat, since=since, advance_watermark=False))
+    jobs, _ = stage("plan", lambda: plan_extraction(s, mode="auto", since=since))
+    extract = stage("extract", lambda: run_extraction(jobs, n_workers=2))
+    embed = stage("embed", lambda: embed_trees(cat, s.shards, str(s.experts), since=since))
     if crawl.next_watermark:
         cat.set_watermark(source.name, datetime.fromisoformat(crawl.next_watermark))
     rss["peak_mb"] = _vm("VmHWM") / 1024
+    extract_hub = HubRequests()
+    for r in extract.results:
+        extract_hub.add(r.hub)
     return {"stages": stages, "seconds": sum(stages.values()), "rss": rss, "new": crawl.new,
             "extracted": extract.extracted, "planned": extract.models, "embedded": embed.new + embed.changed,
-            "trees_touched": len(embed.trees)}
+            "trees_touched": len(embed.trees), "sent_by_stage": sent,
+            "hub": {"crawl": crawl.hub.to_dict(), "extract": extract_hub.to_dict()},
+            "extract_worker_s": sum(r.seconds for r in extract.results), "extract_workers": extract.workers,
+            "bytes_read": extract.bytes_read, "bytes_needed": extract.bytes_needed,
+            "bytes_in_files": extract.bytes_in_files}
 
 
 def run_nightly(home: Path, endpoint: str) -> dict:
@@ -232,6 +257,7 @@ def bench(bench_dir: Path, sizes=(10_000, 100_000, 1_000_000), new: int = NEW, l
         log(f"[bench] scale {size}: nightly {night['seconds']:.1f} s, peak {night['rss']['peak_mb']:.0f} MB")
         if size != min(sizes):
             shutil.rmtree(home, ignore_errors=True)  # the smallest stays for the disk check
+    out["listing"] = listing_throughput(log=log)
     small, large = str(min(sizes)), str(max(sizes))
     out["time_ratio"] = out["sizes"][large]["seconds"] / out["sizes"][small]["seconds"]
     out["memory_ratio"] = out["sizes"][large]["rss"]["peak_mb"] / out["sizes"][small]["rss"]["peak_mb"]
@@ -261,9 +287,84 @@ def disk_over_runs(bench_dir: Path, size: int = 10_000, runs: int = 30, new: int
             "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def listing_throughput(repos: int = 100_000, listed: int = 5_000, workers=(1, 8), log=print) -> dict:
+    """Repos per second that HubSource.list_models yields, not rate-limited, and the requests it
+    sends per repo (the server's counts). The simulated Hub runs in its own process (in this one
+    its handlers would share our GIL): what a crawler against a remote Hub sees, minus the network.
+    Also the listing pages alone, and the model-info-per-repo pattern (file_sizes=True)."""
+    from huggingface_hub import HfApi
+
+    from storage.http import HttpClient
+    from storage.sources import HubSource
+    from storage.sources.hub import LISTING_EXPAND
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "hubserver.py"), "--repos", str(repos)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        endpoint = json.loads(proc.stdout.readline())["url"]
+        http = HttpClient(limiter=None)  # not rate-limited: what our own code costs
+
+        def measure(name: str, run) -> dict:
+            run(50)  # warm: connections, imports
+            before, t0 = _sent(endpoint), time.perf_counter()
+            n = run(listed)
+            seconds = time.perf_counter() - t0
+            after = _sent(endpoint)
+            per_repo = {route: (after[route] - before[route]) / n for route in ROUTES}
+            out = {"repos": n, "seconds": seconds, "repos_per_s": n / seconds, "requests_per_repo": per_repo}
+            log(f"[bench] listing {name}: {n / seconds:,.0f} repos/s, requests per repo {per_repo}")
+            return out
+
+        def records(**kw):
+            return lambda n: len(list(HubSource(endpoint=endpoint, token=False, http=http, **kw).list_models(limit=n)))
+
+        out = {"server_repos": repos, "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+        api = HfApi(endpoint=endpoint, token=False)  # the pages alone, as huggingface_hub reads them
+        out["pages_only"] = measure("pages only", lambda n: sum(1 for _ in api.list_models(
+            sort="last_modified", expand=LISTING_EXPAND, limit=n)))
+        for w in workers:
+            out[f"records_workers_{w}"] = measure(f"records, {w} readers", records(workers=w))
+        out["records_model_info_workers_1"] = measure("records with model info, 1 reader",
+                                                      records(workers=1, file_sizes=True))
+        out["records_model_info_workers_8"] = measure("records with model info, 8 readers",
+                                                      records(workers=8, file_sizes=True))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def costs(bench_dir: Path = BENCH, size: int = 10_000, new: int = NEW, log=print) -> dict:
+    """The per-model costs the projection needs: one nightly of `new` repos into the smallest
+    catalog (costs per new model do not depend on the catalog's size: the scale section shows
+    the requests are the same at 10k, 100k and 1M), and the listing throughput."""
+    from benchmark import machine
+
+    home = bench_dir / f"scale-{size}"
+    with hub_for(size) as hub:
+        seed(home, hub, size)
+        hub.add_new(new)
+        hub.reset_counts()
+        night = run_nightly(home, hub.url)
+        night["requests"] = hub.counts
+    shutil.rmtree(home, ignore_errors=True)
+    log(f"[bench] costs: nightly of {new} into {size:,} rows: {night['seconds']:.1f} s, "
+        f"sent by stage {night['sent_by_stage']}")
+    return {"machine": machine(), "size": size, "trees": TREES, "layer": LAYER, "nightly": night,
+            "listing": listing_throughput(log=log)}
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "nightly":
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         print(json.dumps(nightly(Path(sys.argv[2]), sys.argv[3])))
+    elif sys.argv[1:] == ["costs"]:
+        BENCH.mkdir(parents=True, exist_ok=True)
+        doc = costs(log=lambda m: print(m, file=sys.stderr))
+        (BENCH / "hub_costs.json").write_text(json.dumps(doc, indent=2, default=str))
+        print(BENCH / "hub_costs.json")
+    elif sys.argv[1:] == ["listing"]:
+        print(json.dumps(listing_throughput(log=lambda m: print(m, file=sys.stderr)), indent=2))
     else:
         sys.exit(__doc__)
