@@ -297,3 +297,29 @@ def test_a_failed_lookup_leaves_the_crawl_whole_and_is_retried(tmp_path):
         s = crawl_source(src, cat, since=leaf_time)
         assert (s.new, s.looked_up, s.replaced) == (0, 2, 1)
         assert rows(cat)["org/leaf"]["tree_id"] == "base/root"
+
+
+def test_probex_crawl_shows_the_hub_requests_it_made_in_80_columns(tmp_path):
+    """An operator sees rate-limit pressure in the crawl's summary: its Hub requests, 429s retried
+    and seconds waited, as the Hub counted them, in a table that fits an 80-column log."""
+    import json
+
+    from hubserver import HubServer
+    from typer.testing import CliRunner
+
+    from probex.cli import app
+
+    lake = build_lake(tmp_path / "lake")
+    with HubServer(lake, page_size=4) as hub:
+        hub.faults.route, hub.faults.rate_limited, hub.faults.retry_after = "resolve", 2, "0"
+        source = f"hub:{hub.url}"
+        first = CliRunner().invoke(app, ["crawl", "--source", source, "--home", str(tmp_path / "a"), "--json"])
+        sent = {route: c["served"] + c["refused"] for route, c in hub.counts.items()}
+        text = CliRunner().invoke(app, ["crawl", "--source", source, "--home", str(tmp_path / "b")])
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)["hub"]
+    assert doc["requests"] == sum(sent.values()) and doc["resolvers"] == sent["resolve"]
+    assert doc["api"] == sent["list"] + sent["info"] and doc["rate_limited"] == doc["retries"] == 2
+    assert doc["retry_wait_s"] > 0 and doc["limiter_wait_s"] == 0  # no shared limiter without Prefect
+    assert text.exit_code == 0 and "crawl: Hub requests" in text.stdout and "limiter wait s" in text.stdout
+    assert max(len(line) for line in text.stdout.splitlines()) <= 80
