@@ -40,12 +40,12 @@ from storage.shards import (
     PARTS,
     SHARD_SCHEMA,
     LayerFiles,
+    PartRows,
     layer_folder,
     list_layer,
-    part_keys,
     part_name,
+    part_rows,
     part_seq,
-    small_name,
 )
 
 MAX_PARTS = 8  # open parts per layer before they merge into one (the catalog's MAX_INDEX_DELTAS rule)
@@ -88,11 +88,11 @@ class Plan:
         return not (self.fresh or self.redundant or self.rewrite)
 
 
-def plan(files: LayerFiles, keys: dict[str, frozenset[tuple[str, str]]], *, max_parts: int = MAX_PARTS,
+def plan(files: LayerFiles, rows: dict[str, PartRows], *, max_parts: int = MAX_PARTS,
          part_bytes: int = PART_BYTES) -> Plan:
-    """What one compaction of a listed layer does (no I/O: `keys` holds each part's rows)."""
-    held = frozenset().union(*keys.values())
-    held_names = {small_name(r, s) for r, s in held}
+    """What one compaction of a listed layer does (no I/O: `rows` holds each part's keys)."""
+    keys = {path: r.keys for path, r in rows.items()}
+    held_names = frozenset().union(*(r.names for r in rows.values()))
     fresh = tuple(i for i in files.small if i.base_name not in held_names)
     redundant = tuple(i for i in files.small if i.base_name in held_names)
     # a part sharing a row with a newer part (a compaction killed before it removed its inputs,
@@ -147,8 +147,8 @@ def compact_folder(fs: pafs.FileSystem, folder: str, *, max_parts: int = MAX_PAR
     report = CompactionReport(tree, layer)
     report.stale_tmp_removed = _remove_stale_tmp(fs, folder) + _remove_stale_tmp(fs, join(folder, PARTS))
     files = list_layer(fs, folder)
-    keys = {p.path: part_keys(fs, p) for p in files.parts}
-    todo = plan(files, keys, max_parts=max_parts, part_bytes=part_bytes)
+    rows = {p.path: part_rows(fs, p) for p in files.parts}
+    todo = plan(files, rows, max_parts=max_parts, part_bytes=part_bytes)
     report.small_files, report.parts_before = len(files.small), len(files.parts)
     if not todo.empty:
         seq = max((part_seq(p.base_name) for p in files.parts), default=0) + 1

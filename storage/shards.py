@@ -12,9 +12,11 @@ temporary names, so a killed worker leaves no half shard that looks whole.
 Compaction (storage/compaction.py) folds a layer's small files into large row-grouped parts of the
 same schema under `parts/`, publishes each part whole, and only then removes the small files it
 folded in. A model's row is then found in a part: `has_shard` and `layer_keys` see parts too
-(reading only their repo_id/sha columns), and `read_layer` returns each (repo_id, sha) once, the
-newest part's copy first, so a reader that lists while a compaction runs (part published, small
-files not yet removed) sees no duplicate, and one whose listed file vanished lists again.
+(reading only their repo_id/sha columns, cached: a part never changes). `read_layer` reads only
+the listed files holding a row no newer part holds, and returns each (repo_id, sha) once, the
+newest part's copy first: a reader that lists while a compaction runs (part published, small files
+not yet removed) skips what is about to go and sees no duplicate, and one whose listed file
+vanished (listed before the part was published) lists again.
 
 Plain pyarrow, DuckDB (`read_parquet('shards/**/*.parquet', hive_partitioning=true)`; `**` reaches
 `parts/`, which is no hive key) and polars read both kinds with no project code. Outside a
@@ -32,6 +34,7 @@ Shards written before `read_from` existed read back with it null.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -190,22 +193,51 @@ def list_layer(fs: pafs.FileSystem, folder: str) -> LayerFiles:
     return LayerFiles(tuple(small), tuple(parts))
 
 
+@dataclass(frozen=True)
+class PartRows:
+    """Which models a part holds: their (repo_id, sha), and the small-file names those have."""
+
+    keys: frozenset[tuple[str, str]]
+    names: frozenset[str]
+
+
 # A part never changes once published (a new one gets a new name), so its keys are read once per
 # process: a worker's has_shard and a planner's listing cost a listing, not a read per part.
-_KEYS: OrderedDict[tuple[str, int], frozenset[tuple[str, str]]] = OrderedDict()
-_KEYS_MAX = 256
+_ROWS: OrderedDict[tuple[str, int], PartRows] = OrderedDict()
+_ROWS_MAX = 256
+_ROWS_LOCK = threading.Lock()  # readers and a compaction may share a process
 
 
-def part_keys(fs: pafs.FileSystem, info: pafs.FileInfo) -> frozenset[tuple[str, str]]:
-    """(repo_id, sha) of every row of a part: two small columns, never the tensors."""
+def part_rows(fs: pafs.FileSystem, info: pafs.FileInfo) -> PartRows:
+    """A part's keys, from two small columns, never the tensors."""
     key = (info.path, info.size)
-    if key not in _KEYS:
-        t = pq.read_table(info.path, columns=["repo_id", "sha"], filesystem=fs)
-        _KEYS[key] = frozenset(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist()))
-        if len(_KEYS) > _KEYS_MAX:
-            _KEYS.popitem(last=False)
-    _KEYS.move_to_end(key)
-    return _KEYS[key]
+    with _ROWS_LOCK:
+        if key in _ROWS:
+            _ROWS.move_to_end(key)
+            return _ROWS[key]
+    t = pq.read_table(info.path, columns=["repo_id", "sha"], filesystem=fs)
+    keys = frozenset(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist()))
+    rows = PartRows(keys, frozenset(small_name(r, s) for r, s in keys))
+    with _ROWS_LOCK:
+        _ROWS[key] = rows
+        while len(_ROWS) > _ROWS_MAX:
+            _ROWS.popitem(last=False)
+    return rows
+
+
+def current(fs: pafs.FileSystem, files: LayerFiles) -> LayerFiles:
+    """The listed files that hold a row no newer file holds. What a compaction removes once it has
+    published (the small files it folded in, the parts it merged) is skipped, so a reader does not
+    race a compaction's removals file by file."""
+    held: set[tuple[str, str]] = set()
+    parts, names = [], set()
+    for p in files.parts:  # newest first
+        rows = part_rows(fs, p)
+        if not rows.keys <= held:
+            parts.append(p)
+        held |= rows.keys
+        names |= rows.names
+    return LayerFiles(tuple(i for i in files.small if i.base_name not in names), tuple(parts))
 
 
 @dataclass(frozen=True)
@@ -224,7 +256,7 @@ def layer_keys(root: str | os.PathLike, tree_id: str, layer: str) -> LayerKeys:
     fs, base = resolve(root, ENV_SHARDS)
     with translate(root, ENV_SHARDS):
         files = list_layer(fs, layer_folder(base, tree_id, layer))
-        rows = frozenset().union(*(part_keys(fs, p) for p in files.parts))
+        rows = frozenset().union(*(part_rows(fs, p).keys for p in files.parts))
     return LayerKeys(frozenset(i.base_name for i in files.small), rows)
 
 
@@ -236,7 +268,7 @@ def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, s
         if is_file(fs, join(folder, small_name(repo_id, sha))):
             return True
         parts = [i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File and _is_part(i.base_name)]
-        return any((repo_id, sha) in part_keys(fs, p) for p in parts)
+        return any((repo_id, sha) in part_rows(fs, p).keys for p in parts)
 
 
 def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:
@@ -286,8 +318,6 @@ def read_files(fs: pafs.FileSystem, folder: str, repo_ids: set[str] | None = Non
     had folded into a part) means: list again and read again."""
     files = list_layer(fs, folder)
     for _ in range(READ_TRIES - 1):
-        if not files.paths:
-            return None
         try:
             return _read_once(fs, files, repo_ids)
         except OSError:  # FileNotFoundError on a disk; an object store names the missing key
@@ -295,10 +325,13 @@ def read_files(fs: pafs.FileSystem, folder: str, repo_ids: set[str] | None = Non
             if again.paths == files.paths:
                 raise  # the listing did not move: a real failure, not a compaction
             files = again
-    return _read_once(fs, files, repo_ids) if files.paths else None
+    return _read_once(fs, files, repo_ids)
 
 
-def _read_once(fs: pafs.FileSystem, files: LayerFiles, repo_ids: set[str] | None) -> pa.Table:
+def _read_once(fs: pafs.FileSystem, listed: LayerFiles, repo_ids: set[str] | None) -> pa.Table | None:
+    files = current(fs, listed)
+    if not files.paths:
+        return None
     dataset = ds.dataset(list(files.paths), schema=SHARD_SCHEMA, format="parquet", filesystem=fs)
     # parts keep statistics on repo_id, so a read of a few models skips most row groups
     where = None if repo_ids is None else ds.field("repo_id").isin(sorted(repo_ids))

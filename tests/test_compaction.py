@@ -23,6 +23,7 @@ from storage.compaction import compact_all, compact_layer
 from storage.extract import ExtractJob, extract_model
 from storage.shards import LayerRow, has_shard, layer_keys, read_layer, write_rows
 from storage.sources import LocalOpener
+from tasks.compact import compact_step  # noqa: F401 - Prefect's logging set up on the real stdout, not a CliRunner's
 from tasks.extract import run_extraction, split_done
 
 TREE, LAYER = "org/root", "blocks.0.q.weight"
@@ -153,27 +154,28 @@ def test_readers_during_compaction_never_fail_or_see_duplicates(tmp_path, monkey
     seen = {"window": 0, "vanished": 0}  # reads that met a compaction half-way, of each kind
     stop = threading.Event()
 
-    # widen the compaction's windows (its part published, its inputs going one by one) so that
-    # a reader looping beside it meets both kinds on two busy cores
-    real_remove, real_inputs, real_once, real_first = (compaction._remove, compaction._remove_inputs,
-                                                       shards._read_once, shards.first_copies)
+    # widen the compaction's window (its part published, its inputs going one by one) and the
+    # reader's gap between its listing and its read, so that on two busy cores the reader meets both
+    real_remove, real_inputs, real_list, real_once, real_current = (
+        compaction._remove, compaction._remove_inputs, shards.list_layer, shards._read_once, shards.current)
     monkeypatch.setattr(compaction, "_remove_inputs", lambda fs, todo: time.sleep(0.03) or real_inputs(fs, todo))
     monkeypatch.setattr(compaction, "_remove", lambda fs, p: time.sleep(0.005) or real_remove(fs, p))
+    monkeypatch.setattr(shards, "list_layer", lambda fs, f: (real_list(fs, f), time.sleep(0.05))[0])
 
     def read_once(*a):
         try:
             return real_once(*a)
         except OSError:
-            seen["vanished"] += 1
+            seen["vanished"] += 1  # listed, then removed before the read: listed again
             raise
 
-    def first_copies(table, rank):
-        out = real_first(table, rank)
-        seen["window"] += out.num_rows < table.num_rows
+    def current(fs, listed):
+        out = real_current(fs, listed)
+        seen["window"] += len(out.paths) < len(listed.paths)  # inputs still there, skipped
         return out
 
     monkeypatch.setattr(shards, "_read_once", read_once)
-    monkeypatch.setattr(shards, "first_copies", first_copies)
+    monkeypatch.setattr(shards, "current", current)
 
     def reader():
         while not stop.is_set():
