@@ -126,7 +126,7 @@ def compact_all(root: str | os.PathLike, trees: list[str] | None = None, *, max_
     out = []
     with translate(root, ENV_SHARDS):
         wanted = None if trees is None else {f"tree={slug(t)}" for t in trees}
-        for tree in sorted(_dirs(fs, base, "tree=")):
+        for tree in sorted(_dirs(fs, base, "tree="), key=lambda i: i.base_name):
             if wanted is not None and tree.base_name not in wanted:
                 continue
             for folder in sorted(_dirs(fs, tree.path, "layer="), key=lambda i: i.base_name):

@@ -138,8 +138,9 @@ def test_compaction_loses_and_doubles_nothing_byte_for_byte(tmp_path):
 
 def test_duckdb_reads_compacted_shards_with_hive_columns(tmp_path):
     root = tmp_path / "shards"
-    write_rows(root, rows(0, 12) + rows(0, 5, layer="blocks.1.q.weight"))
-    compact_all(root)
+    write_rows(root, rows(0, 12) + rows(0, 5, layer="blocks.1.q.weight") + rows(0, 3, tree="org/other"))
+    assert [(r.tree, r.layer) for r in compact_all(root)] == [
+        ("org--other", LAYER), ("org--root", LAYER), ("org--root", "blocks.1.q.weight")]
     assert files(root)[0] == []
     got = duckdb.sql(f"SELECT layer, count(*), sum(len(X)), sum(len(A)) FROM read_parquet('{root}/**/*.parquet', "
                      "hive_partitioning=true) WHERE tree = 'org--root' GROUP BY layer ORDER BY layer").fetchall()
