@@ -5,7 +5,8 @@ A checkpoint is two objects, written and read by `storage/experts.py` at any sto
     model.safetensors   the ProbeX state dict (+ "extra.*" tensors, e.g. extra.class_text_emb);
                         a delta expert's `input_root` is the root's matrix it reads rows against
     config.json         tree, layer, ProbeXConfig (with the input normalisation), representation
-                        ("raw" rows or "delta", changes from the root), text encoder, prompt,
+                        ("raw" rows or "delta", changes from the root), views (what the encoder
+                        reads; an expert saved before views existed reads "first"), text encoder, prompt,
                         label vocabulary, metrics, version, created, and the sha256 of
                         model.safetensors
 
@@ -66,6 +67,7 @@ def encode_expert(tree_id: str, model: ProbeX, *, version: str, layer: str, labe
         "probex": model.cfg.to_dict(),
         "normalisation": {"input_scale": model.cfg.input_scale, "centered": model.cfg.centered},
         "representation": model.cfg.representation,
+        "views": list(model.cfg.views),
         "text_encoder": text_encoder,
         "prompt": prompt,
         "labels": list(labels),

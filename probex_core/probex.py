@@ -12,6 +12,18 @@ Shapes (n = models in a batch):
       "text":       logits = s * norm(e) . norm(W t + b_w)^T  (n, k), softmax CE over k class texts
 
 LoRA rows never form X:  V^T X U = scale * (V^T B) (A U), all small (r_V x r) @ (r x r_U) products.
+
+Views (ProbeXConfig.views, in this order; "first" alone is the paper's ProbeX): what the encoder reads.
+    "first":  vec(P)                                 r_U * r_V features
+    "gram_w": the input-side Gram X^T X (d_W x d_W) probed by U:
+              G_W = U^T X^T X U = Z^T Z              (r_U, r_U), free once Z = X U is formed
+    "gram_h": the output-side Gram X X^T (d_H x d_H) probed by V:
+              G_H = V^T X X^T V = Y^T Y,  Y = X^T V  (r_V, r_V)
+A Gram is symmetric, so only its upper triangle is read (k (k + 1) / 2 features). The second-order
+views read the same row as P does (after the same offset, divided by the same scale) and add no
+probe parameters: they reuse U and V (the encoder alone grows). LoRA rows stay factored:
+X U = scale * B (A U) and X^T V = scale * A^T (B^T V), an (n, d, r) @ (n, r, k) product each, never
+B A; centring subtracts M U or M^T V (the offset, as for P).
 A batch of both kinds (a tree of full fine-tunes and adapters) runs each kind through its own path.
 
 Representation (stored in the config and, for "delta", the root's matrix as a buffer `input_root`):
@@ -62,6 +74,10 @@ from .heads import get_head
 # layer). COMPACT keeps ProbeX under 1/10 of Dense's parameters (the report's params column).
 COMPACT = dict(r_U=32, r_V=32, r_T=64)
 REPRESENTATIONS = ("raw", "delta")
+VIEWS = ("first", "gram_w", "gram_h")  # see module docstring
+# Signed square root of a Gram's entries: sign(g) (sqrt(|g| + eps) - sqrt(eps)), zero at 0 with a
+# slope bounded by 1 / (2 sqrt(eps)) there (the plain root's is infinite).
+GRAM_EPS = 1e-4
 
 
 @dataclass
@@ -89,10 +105,15 @@ class ProbeXConfig:
     # 4 kept the L6 trees' zero-shot figures where all 16 put them (design notes).
     probe_rank: int = 4
     representation: str = "raw"  # "raw" | "delta" (see module docstring); older experts are raw
+    views: tuple[str, ...] = ("first",)  # what the encoder reads (VIEWS); older experts: first only
 
     def __post_init__(self):
         head = get_head(self.head)
         self.head = head.name  # an old alias loads as the head's one name
+        views = (self.views,) if isinstance(self.views, str) else tuple(self.views)
+        if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
+            raise ValueError(f"views must be distinct names from {VIEWS}, got {self.views!r}")
+        self.views = tuple(v for v in VIEWS if v in views)  # one spelling (a JSON list loads as it)
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
         if head.n_outputs(1) and self.n_outputs < 1:
@@ -102,6 +123,13 @@ class ProbeXConfig:
         if self.text_probe and (not head.uses_texts or self.d_W != self.text_dim):
             raise ValueError("the text probe needs the text head and a layer whose inputs are the "
                              f"text encoder's size (d_W {self.d_W} vs text_dim {self.text_dim})")
+
+    @property
+    def n_features(self) -> int:
+        """What the encoder reads per model: the views' feature counts added up."""
+        sizes = {"first": self.r_U * self.r_V, "gram_w": self.r_U * (self.r_U + 1) // 2,
+                 "gram_h": self.r_V * (self.r_V + 1) // 2}
+        return sum(sizes[v] for v in self.views)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +197,7 @@ class ProbeX(nn.Module):
         else:
             self.input_root = None
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = nn.Linear(cfg.r_U * cfg.r_V, cfg.r_T)  # all M_l at once, with bias
+        self.encoder = nn.Linear(cfg.n_features, cfg.r_T)  # all M_l (and the views') at once, with bias
         self.out = Head(cfg.head, cfg.r_T, cfg.n_outputs, cfg.text_dim, cfg.logit_scale,
                         cfg.learn_logit_scale)
         if cfg.text_probe:
@@ -182,24 +210,69 @@ class ProbeX(nn.Module):
         parts = [t for t in (None if lora else self.input_root, self.input_mean) if t is not None]
         return parts[0] if len(parts) == 1 else (parts[0] + parts[1] if parts else None)
 
-    def probe_responses(self, batch: WeightBatch) -> torch.Tensor:
-        """P = ReLU(V^T (X - offset) U / s): (n, r_V, r_U)."""
-        if batch.is_mixed:  # each kind through its own path, back in batch order
-            return batch.join(*(self.probe_responses(p) for p in batch.split()))
+    def probe_responses(self, batch: WeightBatch, Z: torch.Tensor | None = None) -> torch.Tensor:
+        """P = ReLU(V^T (X - offset) U / s): (n, r_V, r_U). Z: (X - offset) U (n, d_H, r_U) in
+        batch order, when the gram_w view has formed it already (`probed`)."""
         Vt = self.V.T  # (r_V, d_H)
-        if batch.is_lora:
-            AU = batch.A @ self.U  # (n, r, d_W) @ (d_W, r_U) -> (n, r, r_U)
-            VB = Vt @ batch.B  # (r_V, d_H) @ (n, d_H, r) -> (n, r_V, r)
-            pre = batch.scale[:, None, None] * (VB @ AU)  # (n, r_V, r_U)
+        if Z is not None:
+            pre = Vt @ Z  # (n, r_V, r_U), the offset already subtracted
+        elif batch.is_mixed:  # each kind through its own path, back in batch order
+            return batch.join(*(self.probe_responses(p) for p in batch.split()))
         else:
-            Z = batch.X @ self.U  # (n, d_H, d_W) @ (d_W, r_U) -> (n, d_H, r_U)
-            pre = Vt @ Z  # (n, r_V, r_U)
-        offset = self.offset(batch.is_lora)
-        if offset is not None:
-            pre = pre - (Vt @ offset) @ self.U  # (r_V, r_U), broadcast over n
+            if batch.is_lora:
+                AU = batch.A @ self.U  # (n, r, d_W) @ (d_W, r_U) -> (n, r, r_U)
+                VB = Vt @ batch.B  # (r_V, d_H) @ (n, d_H, r) -> (n, r_V, r)
+                pre = batch.scale[:, None, None] * (VB @ AU)  # (n, r_V, r_U)
+            else:
+                pre = Vt @ (batch.X @ self.U)  # (r_V, d_H) @ (n, d_H, r_U) -> (n, r_V, r_U)
+            offset = self.offset(batch.is_lora)
+            if offset is not None:
+                pre = pre - (Vt @ offset) @ self.U  # (r_V, r_U), broadcast over n
         if self.cfg.row_norm:
             pre = pre / self.row_norms(batch)[:, None, None]
         return F.relu(pre / self.cfg.input_scale)
+
+    def probed(self, batch: WeightBatch, probes: torch.Tensor, side: str) -> torch.Tensor:
+        """(X - offset) probes for side "w" (probes (d_W, k) -> (n, d_H, k)), or (X - offset)^T
+        probes for side "h" (probes (d_H, k) -> (n, d_W, k)), in batch order, not yet divided by
+        the row's scale. LoRA rows through their factors: s B (A probes) or s A^T (B^T probes)."""
+        if batch.is_mixed:
+            return batch.join(*(self.probed(p, probes, side) for p in batch.split()))
+        offset = self.offset(batch.is_lora)
+        if offset is not None and side == "h":
+            offset = offset.T  # (d_W, d_H)
+        if batch.is_lora:
+            A, B = batch.A, batch.B
+            outer, inner = (B, A) if side == "w" else (A.transpose(1, 2), B.transpose(1, 2))
+            out = batch.scale[:, None, None] * (outer @ (inner @ probes))  # (n, d, r) @ (n, r, k)
+        else:
+            out = (batch.X if side == "w" else batch.X.transpose(1, 2)) @ probes  # (n, d, k)
+        return out if offset is None else out - offset @ probes
+
+    def gram_views(self, batch: WeightBatch, Z: torch.Tensor | None = None) -> torch.Tensor:
+        """The second-order views' features (n, sum of k (k + 1) / 2): the upper triangle of
+        G_W = R^T R with R = (X - offset) U / s ("gram_w"), then of G_H = R^T R with
+        R = (X - offset)^T V / s ("gram_h"); s is P's divisor (input_scale, times the row's norm
+        with row_norm), so each Gram is that of the row exactly as P reads it.
+        Z: probed(batch, U, "w") when formed already."""
+        s = torch.full((len(batch),), self.cfg.input_scale, device=self.U.device)
+        if self.cfg.row_norm:
+            s = s * self.row_norms(batch)
+        feats = []
+        for view, probes, side in (("gram_w", self.U, "w"), ("gram_h", self.V, "h")):
+            if view not in self.cfg.views:
+                continue
+            R = Z if side == "w" and Z is not None else self.probed(batch, probes, side)
+            R = R / s[:, None, None]  # (n, d, k)
+            G = R.transpose(1, 2) @ R  # (n, k, k)
+            i, j = torch.triu_indices(G.shape[1], G.shape[1], device=G.device)
+            g = G[:, i, j]  # (n, k (k + 1) / 2)
+            # Gram entries are quadratic in the weights: a row twice as large (or a probe response
+            # twice as strong) moves them four times as much as it moves P. The signed square root
+            # (how bilinear pooling normalises its second-order features) makes them degree one,
+            # on P's scale: the diagonal becomes ||R_l||, each probe response's norm.
+            feats.append(torch.sign(g) * ((g.abs() + GRAM_EPS).sqrt() - GRAM_EPS ** 0.5))
+        return torch.cat(feats, dim=1)
 
     def row_norms(self, batch: WeightBatch) -> torch.Tensor:
         """||X - offset||_F per row (n,); LoRA rows stay factored (WeightBatch.frobenius_norms)."""
@@ -209,8 +282,16 @@ class ProbeX(nn.Module):
 
     def encode(self, batch: WeightBatch) -> torch.Tensor:
         """The model's representation e (n, r_T); L2-normalised for the text head."""
-        P = self.probe_responses(batch)  # (n, r_V, r_U)
-        e = self.encoder(self.drop(P.flatten(1)))  # (n, r_V*r_U) -> (n, r_T)
+        views = self.cfg.views
+        # Z = (X - offset) U (n, d_H, r_U): formed once where G_W reads it, and P then read from it
+        Z = self.probed(batch, self.U, "w") if "gram_w" in views else None
+        feats = []
+        if "first" in views:
+            feats.append(self.probe_responses(batch, Z).flatten(1))  # P (n, r_V, r_U) -> (n, r_V*r_U)
+        if len(feats) < len(views):
+            feats.append(self.gram_views(batch, Z))  # (n, gram features)
+        x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)  # (n, n_features)
+        e = self.encoder(self.drop(x))  # (n, n_features) -> (n, r_T)
         return self.out.represent(e)
 
     def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
@@ -288,7 +369,7 @@ class ProbeX(nn.Module):
 
 def probex_param_count(cfg: ProbeXConfig) -> int:
     """Trainable parameters, from the formula (matches ProbeX(cfg).n_params())."""
-    n = cfg.d_W * cfg.r_U + cfg.d_H * cfg.r_V + cfg.r_U * cfg.r_V * cfg.r_T + cfg.r_T
+    n = cfg.d_W * cfg.r_U + cfg.d_H * cfg.r_V + cfg.n_features * cfg.r_T + cfg.r_T
     if not get_head(cfg.head).uses_texts:
         n += cfg.r_T * cfg.n_outputs + cfg.n_outputs
     else:

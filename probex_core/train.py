@@ -60,6 +60,9 @@ class TrainConfig:
     # lam X_i + (1 - lam) X_j with targets mixed alike, lam ~ Beta(a, a). A number a (0: off)
     # applies to every model; "auto": a = 1 (lam uniform) for ProbeX on LoRA rows, else off.
     mixup: float | str = "auto"
+    # What ProbeX's encoder reads (ProbeXConfig.views: "first", "gram_w", "gram_h"); None: the
+    # model config's, the paper's first-order view alone unless it says otherwise.
+    views: tuple[str, ...] | None = None
     verbose: bool = False
 
     def refits(self, head: str | HeadKind) -> bool:
@@ -352,7 +355,7 @@ def build_probex(train: LayerDataset, cfg: ProbeXConfig, tcfg: TrainConfig) -> P
     # Rows divided by their own norm are already unit size: no dataset-wide scale on top.
     mean, scale = normalisation_stats(seen, tcfg.center, tcfg.normalise and not row_norm)
     cfg = dataclasses.replace(cfg, input_scale=scale, centered=mean is not None, row_norm=row_norm,
-                              representation=rep)
+                              representation=rep, views=cfg.views if tcfg.views is None else tcfg.views)
     seed_everything(tcfg.seed)
     model = ProbeX(cfg)
     if mean is not None:
