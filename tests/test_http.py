@@ -160,7 +160,8 @@ def test_crawl_with_stalled_safetensors_reads_ends_with_a_clear_error(tmp_path, 
     from storage.catalog import Catalog
 
     lake = build_lake(tmp_path / "lake")
-    for key, value in {"PROBEX_HTTP_READ_TIMEOUT": "0.5", "PROBEX_HTTP_CONNECT_TIMEOUT": "0.5",
+    # 2 s: short for a stall, long enough that the listing's 8 readers never time out on 2 busy cores
+    for key, value in {"PROBEX_HTTP_READ_TIMEOUT": "2", "PROBEX_HTTP_CONNECT_TIMEOUT": "2",
                        "PROBEX_HTTP_MAX_RETRIES": "1"}.items():
         monkeypatch.setenv(key, value)
     home = tmp_path / "home"
@@ -175,5 +176,5 @@ def test_crawl_with_stalled_safetensors_reads_ends_with_a_clear_error(tmp_path, 
     text = result.output.strip()
     assert result.exit_code == 1 and "Traceback" not in text, text
     error = text[text.index("error:"):]  # after the retry warnings the log printed
-    assert "did not answer within 0.5 s" in error and ".safetensors" in error and len(error.splitlines()) <= 3
+    assert "did not answer within 2 s" in error and ".safetensors" in error and len(error.splitlines()) <= 3
     assert Catalog(str(home / "catalog")).watermark(f"hub:{hub.url}") is None
