@@ -307,7 +307,8 @@ def test_probex_crawl_shows_the_hub_requests_it_made_in_80_columns(tmp_path):
     from hubserver import HubServer
     from typer.testing import CliRunner
 
-    from probex.cli import app
+    import tasks.pipeline  # noqa: F401  Prefect sets its log handlers up on import: to the real stderr,
+    from probex.cli import app  # not to the runner's, which is closed after invoke (later tests log to it)
 
     lake = build_lake(tmp_path / "lake")
     with HubServer(lake, page_size=4) as hub:
