@@ -291,14 +291,6 @@ def listdir(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[paf
     return [i for i in infos if visible(i.base_name)]
 
 
-def remove_stale_tmp(fs: pafs.FileSystem, folder: str, name: str) -> None:
-    """Delete temporary objects a killed writer of `folder/name` left (never the final object)."""
-    prefix = f".{name}."
-    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-        if info.base_name.startswith(prefix) and info.base_name.endswith(TMP_SUFFIX):
-            _remove(fs, info.path)
-
-
 def lance_storage_options(uri: str) -> dict[str, str]:
     """LanceDB's object-store options for `uri`, from the same variables: the endpoint (and
     allow_http for an http one), the region, and our timeouts and retries. Credentials stay in

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from probex_core.names import slug
 from probex_core.settings import ENV_SHARDS
-from storage.fs import is_file, join, listdir, publish, remove_stale_tmp, resolve, translate
+from storage.fs import is_file, join, listdir, publish, resolve, translate
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -132,9 +132,10 @@ def write_rows(root: str | os.PathLike, rows: list[LayerRow]) -> list[str]:
         for row in rows:
             tree, layer, name = _parts(row.tree_id, row.layer, row.repo_id, row.sha)
             folder = join(base, tree, layer)
-            remove_stale_tmp(fs, folder, name)  # left by a killed writer
             # One whole object (a shard is one layer of one model, MiBs): nothing is uploaded
-            # under a name a reader lists until every byte is there.
+            # under a name a reader lists until every byte is there. What a killed writer leaves
+            # is a temporary name readers skip, cleared by the next compaction once it is stale
+            # (clearing it here listed the whole folder on every write: quadratic in a backfill).
             publish(fs, join(folder, name), encode_table(row.to_table()))
             paths.append(join(root, tree, layer, name))
     return paths

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import storage.compaction as compaction
 import storage.experts as experts_store
 from probex.cli import app
 from probex_core.checkpoint import CheckpointError
@@ -98,7 +99,7 @@ def test_shards_round_trip_on_s3_and_read_with_plain_pyarrow(s3_server):
     assert sorted(table.column("repo_id").to_pylist()) == ["org/dense", "org/lora"]
 
 
-def test_a_killed_writers_temporary_object_is_never_read_and_is_cleared(s3_server):
+def test_a_killed_writers_temporary_object_is_never_read_and_is_cleared(s3_server, monkeypatch):
     root = s3_server.uri("shards")
     write_rows(root, rows()[:1])
     folder = root.split("://", 1)[1] + "/tree=org--root/layer=blocks.1.q"
@@ -108,6 +109,10 @@ def test_a_killed_writers_temporary_object_is_never_read_and_is_cleared(s3_serve
     assert [r.repo_id for r in read_layer(root, "org/root", "blocks.1.q")] == ["org/dense"]
     assert not has_shard(root, "org/root", "blocks.1.q", "org/lora", SHA)
     write_rows(root, rows()[1:])
+    assert len(read_layer(root, "org/root", "blocks.1.q")) == 2
+    # the next compaction clears a temporary object once it is older than any live writer's
+    monkeypatch.setattr(compaction, "STALE_TMP_S", 0)
+    assert compaction.compact_layer(root, "org/root", "blocks.1.q").stale_tmp_removed == 1
     assert not any(k.endswith(".tmp") for k in s3_server.keys(root))
     assert len(read_layer(root, "org/root", "blocks.1.q")) == 2
 
