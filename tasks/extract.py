@@ -17,6 +17,7 @@ from storage.extract import (
     header_shapes,
     model_layer_shapes,
 )
+from storage.http import HubRequests
 from storage.records import is_adapter, repo_files
 from storage.shards import LayerKeys, layer_keys
 from storage.safetensors_reader import TensorReadError
@@ -41,6 +42,7 @@ class ExtractSummary:
     seconds: float = 0.0
     workers: int = 0
     quarantined: list[dict] = field(default_factory=list)  # {repo_id, sha, reason}
+    hub: HubRequests = field(default_factory=HubRequests)  # the workers' Hub requests, from the results
     results: list[ExtractResult] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -55,6 +57,7 @@ class ExtractSummary:
 def summarise(results: list[ExtractResult], seconds: float, workers: int) -> ExtractSummary:
     s = ExtractSummary(models=len(results), seconds=seconds, workers=workers, results=results)
     for r in results:
+        s.hub.add(r.hub)
         if r.status == "skipped":
             s.skipped += 1
             continue
@@ -146,11 +149,15 @@ def worker_failed(job: ExtractJob, error: BaseException) -> ExtractResult:
 SAMPLE_CHILDREN = 3  # children whose headers decide a tree's candidate layers
 
 
+# Statuses whose weights can be read: a missing or bad config or card loses only labels.
+READABLE = ("ok", "no_config", "bad_config", "bad_card")
+
+
 def tree_members(models: list[dict], tree_id: str) -> list[dict]:
     """Current, readable children of a tree (the root itself has no fine-tune to read)."""
     return [r for r in models
             if r.get("tree_id") == tree_id and r["repo_id"] != tree_id and r["files"]
-            and (r["status"] in ("ok", "no_config", "bad_config", "bad_card") or retry_quarantined(r))]
+            and (r["status"] in READABLE or retry_quarantined(r))]
 
 
 def retry_quarantined(row: dict) -> bool:
@@ -212,9 +219,23 @@ def _root_shapes(source: Source, root: dict | None) -> dict[str, tuple[int, ...]
 
 
 def jobs_for_tree(source: Source, models: list[dict], tree_id: str, layers: dict[str, tuple[int, int] | None],
-                  shards_root: str) -> list[ExtractJob]:
+                  shards_root: str, root: dict | None = None) -> list[ExtractJob]:
+    """One job per readable child; and one for `root` (the root's catalog row) when given."""
     return [
         ExtractJob(source.opener(r["repo_id"], r["sha"]), tree_id, repo_files(r), tuple(layers),
                    shards_root, tuple((l, tuple(s)) for l, s in layers.items() if s))
-        for r in tree_members(models, tree_id)
+        for r in tree_members(models, tree_id) + ([root] if root else [])
     ]
+
+
+def needs_root(members: list[dict]) -> bool:
+    """Whether a tree's root layers must be extracted too: a tree whose children mix full
+    fine-tunes and adapters is trained on each child's change from the root (W_child - W_root).
+    Other trees never read the root (centred dense rows and LoRA rows give the same expert either
+    way). A nightly plans only tonight's rows; the train flow's extraction plans whole trees, so a
+    tree that became mixed tonight has its root read before its next training."""
+    return len({is_adapter(r) for r in members}) == 2
+
+
+def readable_root(root: dict | None) -> dict | None:
+    return root if root is not None and root["files"] and root["status"] in READABLE else None

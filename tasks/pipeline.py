@@ -22,7 +22,8 @@ from tasks.crawl import CrawlSummary, crawl_source
 from tasks.dask_cluster import (advertised, check_scheduler, dask_client, gpu_resources, submit_bounded,
                                 training_slots, use_worker_threads)
 from tasks.embed import embed_trees
-from tasks.extract import extract_on, jobs_for_tree, plan_candidate_layers, run_extraction, tree_members
+from tasks.extract import (extract_on, jobs_for_tree, needs_root, plan_candidate_layers, readable_root,
+                           run_extraction, tree_members)
 from tasks.window import changed_rows
 
 
@@ -104,7 +105,12 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
             raise ProbexError(f"tree {tree_id} has no layer {unknown[0]!r}; its layers: "
                               f"{', '.join(sorted(shapes)[:6])}{' ...' if len(shapes) > 6 else ''}")
         plans[tree_id] = wanted
-        jobs += jobs_for_tree(source, models, tree_id, {l: shapes.get(l) for l in wanted}, settings.shards)
+        root = None
+        if needs_root(members):
+            root = next((r for r in models if r["repo_id"] == tree_id), None) or next(iter(catalog.read(
+                MODELS, where=f"repo_id = {sql_literal(tree_id)} AND status != 'superseded'").to_pylist()), None)
+        jobs += jobs_for_tree(source, models, tree_id, {l: shapes.get(l) for l in wanted}, settings.shards,
+                              readable_root(root))
     return jobs, plans
 
 

@@ -327,30 +327,29 @@ def build_mixed_lake(tiny_lake: Path, out: Path, merged=MERGED) -> Path:
     return out
 
 
-def extract_roots(settings, trees: list[str]) -> None:
-    """The root's own row of every layer extracted from its tree, by the extraction workers' own
-    function. The extract step does not plan the root yet (tasks/extract.py tree_members leaves it
-    out); this is the one job per tree it would add."""
-    from storage.extract import ExtractJob, extract_model
-    from storage.records import repo_files
-    from storage.shards import layers_of
-    from storage.sources import open_source
-    from tasks.pipeline import catalog_for
-    from tasks.train import tree_root
+def train_without_root(settings, out) -> dict:
+    """The mixed tree trained from a copy of its shards without the root's own rows (which the
+    extract step planned because the tree is mixed)."""
+    from probex_core.names import slug
+    from tasks.pipeline import catalog_for, text_encoder
+    from tasks.train import train_tree, tree_root
 
     catalog = catalog_for(settings)
-    for tree in trees:
-        root = catalog.read("models", where=f"repo_id = '{tree}' AND status != 'superseded'").to_pylist()[0]
-        assert tree_root(catalog, tree)["sha"] == root["sha"]
-        job = ExtractJob(open_source(root["source"]).opener(root["repo_id"], root["sha"]), tree,
-                         repo_files(root), tuple(layers_of(settings.shards, tree)), settings.shards)
-        assert extract_model(job).status == "ok"
+    root = tree_root(catalog, L3_ROOT)
+    shards = out / "shards"
+    shutil.copytree(settings.shards, shards)
+    removed = list(shards.rglob(f"{slug(L3_ROOT)}@{root['sha'][:12]}.parquet"))
+    assert removed  # the extract step read the root's layers because the tree mixes kinds
+    for path in removed:
+        path.unlink()
+    return train_tree(catalog, str(shards), str(out / "experts"), L3_ROOT,
+                      encoder=text_encoder(settings)).to_dict()
 
 
 @pytest.fixture(scope="module")
 def mixed_home(tiny_lake, tmp_path_factory):
-    """crawl -> extract -> train (no root yet) -> extract the root -> train -> embed, on the mixed
-    L3 tree."""
+    """crawl -> extract (the children and, the tree being mixed, the root) -> train -> embed, on
+    the mixed L3 tree; and one training from the shards without the root's rows."""
     from probex_core.settings import Settings, apply_runtime_env
     from tasks.pipeline import crawl_step, embed_step, extract_step, train_step
 
@@ -359,8 +358,7 @@ def mixed_home(tiny_lake, tmp_path_factory):
     s = Settings.load(home)
     apply_runtime_env(s)
     steps = {"crawl": crawl_step(s, str(s.lake)), "extract": extract_step(s, mode="candidates")}
-    steps["train_without_root"] = train_step(s)
-    extract_roots(s, [L3_ROOT])
+    steps["train_without_root"] = train_without_root(s, tmp_path_factory.mktemp("no-root"))
     steps["train"] = train_step(s)
     steps["embed"] = embed_step(s)
     return s, steps
@@ -377,7 +375,7 @@ def test_mixed_tree_end_to_end(mixed_home, tiny_lake):
     kinds = {r["repo_id"]: r["relation"] for r in children}
     assert {kinds[m] for m in MERGED} == {"finetune"} and "adapter" in kinds.values()
     # without the root's row a mixed layer cannot be read as changes: no expert, and it says why
-    skipped = steps["train_without_root"]["trees"][L3_ROOT]
+    skipped = steps["train_without_root"]
     assert skipped["version"] is None and "root's own row" in skipped["skipped"]
     report = steps["train"]["trees"][L3_ROOT]
     assert report["representation"] == "delta" and report["version"] and report["promoted"]
