@@ -65,6 +65,9 @@ class ExtractJob:
     layers: tuple[str, ...]  # layer names to extract: the root's tensor names (module paths: older plans)
     shards_root: str
     expected_shapes: tuple[tuple[str, tuple[int, int]], ...] = ()  # (layer, (d_H, d_W)) of the tree
+    # The planner listed the layers and found this model missing: the worker does not ask again
+    # (two requests a model on an object store). A re-run job rewrites its own shard names.
+    planned_missing: bool = False
 
     @property
     def is_adapter(self) -> bool:
@@ -220,7 +223,8 @@ def _extract_model(job: ExtractJob) -> ExtractResult:
     t0 = time.perf_counter()
     loc = job.opener
     res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "ok")
-    if all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha) for l in job.layers):
+    if not job.planned_missing and all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha)
+                                       for l in job.layers):
         res.status = "skipped"
         res.layers = list(job.layers)
         return res

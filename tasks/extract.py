@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import zip_longest
 
 from storage.extract import (
@@ -93,7 +93,8 @@ def split_done(jobs: list[ExtractJob]) -> tuple[list[ExtractResult], list[Extrac
         return keys[root, tree_id, layer]
 
     done = [is_done(j, stored) for j in jobs]
-    return ([skipped(j) for j, d in zip(jobs, done) if d], [j for j, d in zip(jobs, done) if not d])
+    return ([skipped(j) for j, d in zip(jobs, done) if d],
+            [replace(j, planned_missing=True) for j, d in zip(jobs, done) if not d])
 
 
 def skipped(job: ExtractJob) -> ExtractResult:

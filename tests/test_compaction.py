@@ -320,6 +320,7 @@ def test_extraction_after_compaction_extracts_nothing_new(tmp_path, monkeypatch)
     assert len(calls) == 1
     assert [r.repo_id for r in done] == [f"org/m{i}" for i in range(4)] and {r.status for r in done} == {"skipped"}
     assert [j.opener.repo_id for j in pending] == ["org/m4", "org/m5"]
+    assert all(j.planned_missing for j in pending)  # their workers do not ask the store again
     assert ("org/m2", f"{2:040x}") in layer_keys(tmp_path / "shards", TREE, "layer.weight")
     # a worker's own check (a job planned before the compaction) finds the part's row too
     assert has_shard(tmp_path / "shards", TREE, "layer.weight", "org/m1", f"{1:040x}")
