@@ -432,10 +432,13 @@ def test_a_tree_of_every_format_names_its_layers_by_the_roots_tensors(tmp_path):
                             "--home", str(home), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["quarantined"] == [] and doc["extracted"] == 4 and doc["layers"] == {"llm/root": [layer]}
+    # four children, and the root: its children mix full fine-tunes and adapters, so its expert
+    # reads each child as its change from the root's own layer
+    assert doc["quarantined"] == [] and doc["extracted"] == 5 and doc["layers"] == {"llm/root": [layer]}
     got = {row.repo_id: row for row in read_layer(home / "shards", "llm/root", layer)}
     assert {m: got[m].kind for m in got} == {"llm/full-ft": "dense", "llm/peft": "lora", "llm/peft-bare": "lora",
-                                             "llm/fp8": "dequantized"}
+                                             "llm/fp8": "dequantized", "llm/root": "dense"}
+    np.testing.assert_array_equal(got["llm/root"].X, root_sd[layer].numpy())
     np.testing.assert_array_equal(got["llm/full-ft"].X, full_sd[layer].numpy())
     for name in ("peft", "peft-bare"):
         row = got[f"llm/{name}"]
