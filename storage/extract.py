@@ -14,6 +14,7 @@ row's `kind` says which (dense / lora / dequantized) and `read_from` names the c
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -307,16 +308,23 @@ def adapter_layer_shapes(shapes: dict[str, tuple[int, ...]],
     return out
 
 
+def depth_order(name: str) -> str:
+    """A sort key that reads a name's numbers as numbers (`model.layers.9` before
+    `model.layers.23`), and orders names without multi-digit numbers as plain text does."""
+    return re.sub(r"\d+", lambda m: m.group().zfill(12), name)
+
+
 def candidate_layers(samples: list[dict[str, tuple[int, int]]], changed: set[str] | None = None,
                      limit: int = 8) -> dict[str, tuple[int, int]]:
     """Layers every sampled child has with one shape, minus heads, optionally only those that
-    fine-tuning changed; the last `limit` by name order (later layers read best, PROBEX.md)."""
+    fine-tuning changed; the last `limit` in depth order (later layers read best, PROBEX.md)."""
     if not samples:
         return {}
     common = set(samples[0])
     for s in samples[1:]:
         common &= {n for n in s if s[n] == samples[0].get(n)}
-    names = sorted(n for n in common if not is_head(n) and (changed is None or n in changed))
+    # by depth, not text: as text, a 24-layer model's last layers would be 6-9 ("9" > "23")
+    names = sorted((n for n in common if not is_head(n) and (changed is None or n in changed)), key=depth_order)
     names = names[-limit:]
     return {n: samples[0][n] for n in names}
 

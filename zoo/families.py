@@ -589,11 +589,12 @@ def ground_truth(plans: list[FamilyPlan]) -> pa.Table:
     """The lake's ground-truth columns (zoo.build), plus `synthetic` and `format` for these trees."""
     models, formats = [], []
     for plan in plans:
-        models.append(PlannedModel(plan.root, "base", plan.root, None))
+        models.append(PlannedModel(plan.root, kind="base", root=plan.root, parent=None))
         formats.append("sharded_bf16" if plan.name == "llama" else "diffusers_pipeline")
         for c in plan.children:
-            models.append(PlannedModel(c.repo_id, plan.name, plan.root, c.parent, c.classes, c.split, c.documented,
-                                       lineage_declared=True, seed=c.seed, rank=c.rank, alpha=int(c.alpha)))
+            models.append(PlannedModel(c.repo_id, kind=plan.name, root=plan.root, parent=c.parent, classes=c.classes,
+                                       split=c.split, documented=c.documented, seed=c.seed, rank=c.rank,
+                                       alpha=int(c.alpha)))
             formats.append(c.format)
     table = _ground_truth(models, dict.fromkeys((m.repo_id for m in models), None))
     return table.append_column("synthetic", pa.array([True] * len(models))).append_column(
