@@ -16,6 +16,10 @@ Three trees:
           WordNet class pool (multi-label);
 - L6:     sentence-transformers/all-MiniLM-L6-v2, LoRA, each child a one-vs-rest detector of one
           WordNet class (single concept); a third of the classes are held out (split `holdout`).
+The `hard` size (the benchmark's only) has no image tree and adds a fourth kind of child:
+- L3D:    a re-upload of paraphrase-MiniLM-L3-v2 under another name (its own root, as Hub mirrors
+          are), LoRA one-vs-rest detectors like L6's on a sample of L6's classes, so a single-concept
+          tree whose layers do not read the text encoder's space.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from zoo.types import TrainedChild
 IMAGE_ROOT = "efficientnet/efficientnet-lite0"
 L3_ROOT = "sentence-transformers/paraphrase-MiniLM-L3-v2"
 L6_ROOT = "sentence-transformers/all-MiniLM-L6-v2"
+# A mirror of the L3 base: same weights, its own repo and tree (the L3 root already hosts the
+# multi-label tree, and a tree is named by its root). text_bases loads it by its name part.
+L3D_ROOT = "minilm-mirror/paraphrase-MiniLM-L3-v2"
 GROUND_TRUTH = "_ground_truth.parquet"
 MANIFEST = "_lake.json"
 TEST_SHARE = 0.2  # of each tree's in-distribution children: undocumented, split "test"
@@ -67,6 +74,45 @@ class SizeSpec:
     l6_holdout: int  # L6 children over held-out classes
     l6_spare: int = 0  # extra L6 children over training classes, from their own random stream
     l3_extra: int = 0  # extra L3 children, from their own random stream (a larger L3 test split)
+    # hard only: L3D detectors over a sample of the L6 classes (training from training, held-out
+    # from held-out, so each tree keeps the 20% held-out rule)
+    l3d_classes: int = 0
+    l3d_holdout_classes: int = 0
+    l3d: int = 0
+    l3d_holdout: int = 0
+    # WordNet texts per class: n_train + n_heldout are used, from classes of min_lemmas or more;
+    # fewer admit more classes (about 600 disjoint classes have 20 or more, 300 have 40 or more)
+    n_train: int = 16
+    n_heldout: int = 16
+    min_lemmas: int = 40
+    # training texts per class of an L3 (multi-label) child, when fewer than n_train: its cost is
+    # linear in its classes x texts, and a 50-class child is the hard lake's dearest
+    l3_n_train: int | None = None
+
+    def __post_init__(self):
+        counts = {f.name: getattr(self, f.name) for f in fields(self)}
+        if any(n < 0 for n in counts.values() if n is not None):
+            raise ZooError(f"a lake size needs non-negative counts, got {counts}")
+        if self.l3 + self.l3_extra and self.l3_pool < 4:
+            raise ZooError(f"an L3 pool of {self.l3_pool} classes is too small: each child takes half, two at least")
+        for tree, n, classes in (("l6", self.l6, self.l6_classes), ("l6 held-out", self.l6_holdout, self.l6_holdout_classes),
+                                 ("l3d", self.l3d, self.l3d_classes),
+                                 ("l3d held-out", self.l3d_holdout, self.l3d_holdout_classes)):
+            if n and not classes:
+                raise ZooError(f"{n} {tree} children need at least one {tree} class")
+        if self.l3d_classes > self.l6_classes or self.l3d_holdout_classes > self.l6_holdout_classes:
+            raise ZooError("L3D classes are drawn from the L6 classes: ask for no more of them than L6 has")
+        if self.l3d and self.l3d_classes < 2:
+            raise ZooError("an L3D detector needs another training class for its negatives")
+        if (self.n_train < 1 or self.n_heldout < 1 or self.min_lemmas < self.n_train + self.n_heldout
+                or not 0 < (self.l3_n_train or 1) <= self.n_train):
+            raise ZooError(f"each class needs training and held-out texts, and min_lemmas >= n_train + n_heldout "
+                           f"(got {self.n_train}, {self.n_heldout}, {self.min_lemmas})")
+
+    @property
+    def n_pool(self) -> int:
+        """Distinct WordNet classes drawn (L3D reuses L6's)."""
+        return self.l3_pool + self.l6_classes + self.l6_holdout_classes
 
 
 # Sized by measured per-child cost (one thread per worker, two workers; see the benchmark report).
@@ -81,6 +127,14 @@ SIZES = {
     # four spares keep the floor of 1,500 fine-tuned models with room for a few such children.
     "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150,
                      l6_spare=4),
+    # hard (issue 20; built by the benchmark only): a 50-of-100 multi-label L3 tree of 600
+    # children (the paper's protocol); the SD_1k regime on L6, 500 classes of 4 children each, a
+    # fifth held out; L3D detectors on 200 of those classes, a fifth held out. 20 texts a class
+    # (12 to train, 8 to test) admit the 600 distinct classes this needs;
+    # L3 children train on 6 of the 12: their 50 classes make them the build's dearest children.
+    "hard": SizeSpec(image=0, l3=600, l3_pool=100, l6_classes=400, l6_holdout_classes=100, l6=1600,
+                     l6_holdout=400, l3d_classes=160, l3d_holdout_classes=40, l3d=640, l3d_holdout=160,
+                     n_train=12, n_heldout=8, min_lemmas=20, l3_n_train=6),
 }
 
 
@@ -109,7 +163,8 @@ ORGS = ["kaito-ml", "deepfield-lab", "jmartin", "acme-research", "vision-team-42
         "stellar-nlp", "a-dubois", "bytecraft", "cortex-labs", "y-tanaka"]
 STEMS = {IMAGE_ROOT: ["efficientnet-lite0", "effnet-lite0", "lite0"],
          L3_ROOT: ["paraphrase-minilm-l3", "minilm-l3", "minilm"],
-         L6_ROOT: ["all-minilm-l6", "minilm-l6", "minilm"]}
+         L6_ROOT: ["all-minilm-l6", "minilm-l6", "minilm"],
+         L3D_ROOT: ["paraphrase-minilm-l3", "minilm-l3", "minilm"]}
 NEUTRAL_STEMS = ["model", "checkpoint", "my-model", "proj", "baseline", "exp"]
 WORDS = ["ft", "finetuned", "tuned", "custom", "run", "v2", "nova", "zephyr", "lumen", "quanta",
          "helio", "draft", "final", "best", "tmp"]
@@ -118,7 +173,7 @@ WORDS = ["ft", "finetuned", "tuned", "custom", "run", "v2", "nova", "zephyr", "l
 @dataclass(frozen=True)
 class PlannedModel:
     repo_id: str
-    kind: str  # "base" | "image" | "l3" | "l6" | "outsider"
+    kind: str  # "base" | "image" | "l3" | "l6" | "l3d" | "outsider"
     root: str | None  # tree root repo id; None outside every tree
     parent: str | None  # the model it was fine-tuned from, declared on its card or not
     classes: tuple[str, ...] = ()
@@ -143,6 +198,8 @@ class Plan:
     l6_classes: list[str]
     l6_holdout: list[str]
     lora_init_seed: dict[str, int] = field(default_factory=dict)  # per LoRA tree root
+    l3d_classes: list[str] = field(default_factory=list)
+    l3d_holdout: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -207,12 +264,21 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
     l3_pool = pool[:spec.l3_pool]
     l6_classes = pool[spec.l3_pool:spec.l3_pool + spec.l6_classes]
     l6_holdout = pool[spec.l3_pool + spec.l6_classes:]
+    # own stream: sizes without L3D draw nothing here, so their plans are as they were
+    l3d_rng = random.Random(f"probex-lake/{size}/{seed}/l3d-classes")
+    l3d_classes = l3d_rng.sample(l6_classes, spec.l3d_classes) if spec.l3d_classes else []
+    l3d_holdout = l3d_rng.sample(l6_holdout, spec.l3d_holdout_classes) if spec.l3d_holdout_classes else []
+    check_tree_classes("L3", l3_pool, [])
+    check_tree_classes("L6", l6_classes, l6_holdout)
+    check_tree_classes("L3D", l3d_classes, l3d_holdout)
 
     # (root, kind, classes, holdout?) for every child, tree by tree
     jobs = [(IMAGE_ROOT, "image", tuple(rng.sample(fashion_mnist.CLASSES, 5)), False) for _ in range(spec.image)]
     jobs += [(L3_ROOT, "l3", tuple(rng.sample(l3_pool, len(l3_pool) // 2)), False) for _ in range(spec.l3)]
     jobs += [(L6_ROOT, "l6", (c,), False) for c in _spread(l6_classes, spec.l6)]
     jobs += [(L6_ROOT, "l6", (c,), True) for c in _spread(l6_holdout, spec.l6_holdout)]
+    jobs += [(L3D_ROOT, "l3d", (c,), False) for c in _spread(l3d_classes, spec.l3d)]
+    jobs += [(L3D_ROOT, "l3d", (c,), True) for c in _spread(l3d_holdout, spec.l3d_holdout)]
 
     # which children carry the mess, drawn per tree; chains only between declared, intact children
     by_tree: dict[str, list[int]] = {}
@@ -235,9 +301,11 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
         corrupt = dict(zip(rng.sample(spare, len(hub_repo.CORRUPTIONS)), hub_repo.CORRUPTIONS))
 
     lora_init_seed = {L3_ROOT: rng.randrange(2**31), L6_ROOT: rng.randrange(2**31)}
-    models = [PlannedModel(IMAGE_ROOT, "base", IMAGE_ROOT, None),
-              PlannedModel(L3_ROOT, "base", L3_ROOT, None),
-              PlannedModel(L6_ROOT, "base", L6_ROOT, None)]
+    if spec.l3d or spec.l3d_holdout:
+        lora_init_seed[L3D_ROOT] = l3d_rng.randrange(2**31)
+    # a tree's root is in the lake when the tree has children (hard has no image tree)
+    models = [PlannedModel(root, "base", root, None) for root in (IMAGE_ROOT, L3_ROOT, L6_ROOT, L3D_ROOT)
+              if root in by_tree]
     ids: list[str] = []
     for i, (root, kind, classes, holdout) in enumerate(jobs):
         declared = i not in undeclared
@@ -269,7 +337,32 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
     for c in [c for c in l6_classes if c not in documented]:
         models.append(_planned_child(doc_rng, doc_name(L6_ROOT, True), "l6", L6_ROOT, (c,), False, True,
                                      parent=L6_ROOT, corruption=None, test_share=0.0))
-    return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed)
+    # the same rule for L3D, from a stream of its own (sizes without L3D draw nothing)
+    doc_rng = random.Random(f"probex-lake/{size}/{seed}/l3d-documented")
+    doc_name = _name_maker(doc_rng, taken={m.repo_id for m in models})
+    documented = {m.classes[0] for m in models if m.kind == "l3d" and m.documented}
+    for c in [c for c in l3d_classes if c not in documented]:
+        models.append(_planned_child(doc_rng, doc_name(L3D_ROOT, True), "l3d", L3D_ROOT, (c,), False, True,
+                                     parent=L3D_ROOT, corruption=None, test_share=0.0))
+    return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed, l3d_classes, l3d_holdout)
+
+
+def check_tree_classes(tree: str, training: list[str], holdout: list[str]) -> None:
+    """A tree's class names must be usable labels: a blank name, a name given twice or a held-out
+    class that is also a training class would each score an expert against the wrong classes
+    without any error, so each is refused here (names compare as labels: case and outer spaces
+    ignored)."""
+    blank = [c for c in [*training, *holdout] if not c.strip()]
+    if blank:
+        raise ZooError(f"{tree}: class names must not be empty ({len(blank)} blank)")
+    for side, names in (("training", training), ("held-out", holdout)):
+        keys = [c.strip().lower() for c in names]
+        twice = sorted({c for c in keys if keys.count(c) > 1})
+        if twice:
+            raise ZooError(f"{tree}: {side} class names must be distinct; given twice: {', '.join(twice)}")
+    both = sorted({c.strip().lower() for c in training} & {c.strip().lower() for c in holdout})
+    if both:
+        raise ZooError(f"{tree}: held-out classes must not be training classes; both: {', '.join(both)}")
 
 
 def _planned_child(rng: random.Random, repo_id: str, kind: str, root: str, classes: tuple, holdout: bool,
@@ -294,7 +387,7 @@ def _planned_child(rng: random.Random, repo_id: str, kind: str, root: str, class
 
 
 def _class_pool(spec: SizeSpec, seed: int) -> list[wordnet.WordClass]:
-    return wordnet.load_class_pool(spec.l3_pool + spec.l6_classes + spec.l6_holdout_classes, seed)
+    return wordnet.load_class_pool(spec.n_pool, seed, min_lemmas=spec.min_lemmas)
 
 
 # ----------------------------------------------------------------------------------- building
@@ -305,8 +398,8 @@ class _Trainers:
     lake loads nothing)."""
 
     def __init__(self, plan: Plan, lake: Path):
-        self.plan, self.lake = plan, lake
-        self.classes = {c.name: c for c in _class_pool(SIZES[plan.size], plan.seed)}
+        self.plan, self.lake, self.spec = plan, lake, SIZES[plan.size]
+        self.classes = {c.name: c for c in _class_pool(self.spec, plan.seed)}
 
     def image_base(self):
         from zoo.image_children import load_image_base
@@ -333,11 +426,14 @@ class _Trainers:
             return train_image_child(self.image_base(), [fashion_mnist.CLASSES.index(c) for c in m.classes],
                                      seed=seed, lr=m.lr, epochs=m.epochs, init_state=init)
         from zoo.text_children import TextTask, train_text_child
+        texts = {"n_train": self.spec.n_train, "n_heldout": self.spec.n_heldout}
         if m.kind == "l3":
-            task = TextTask("subset", classes=[self.classes[c] for c in m.classes])
-        else:  # negatives come from training classes only, so held-out classes stay unseen
+            texts["n_train"] = self.spec.l3_n_train or self.spec.n_train
+            task = TextTask("subset", classes=[self.classes[c] for c in m.classes], **texts)
+        else:  # negatives come from the tree's training classes only, so held-out classes stay unseen
+            training = self.plan.l6_classes if m.kind == "l6" else self.plan.l3d_classes
             task = TextTask("detector", classes=[self.classes[m.classes[0]]],
-                            negatives=[self.classes[c] for c in self.plan.l6_classes if c != m.classes[0]])
+                            negatives=[self.classes[c] for c in training if c != m.classes[0]], **texts)
         return train_text_child(self.text_base(m.root), task, seed=seed, lr=m.lr, epochs=m.epochs,
                                 rank=m.rank, lora_init_seed=self.plan.lora_init_seed[m.root],
                                 lora_alpha=m.alpha)
@@ -345,7 +441,7 @@ class _Trainers:
 
 def _min_accuracy(m: PlannedModel) -> float:
     """Halfway from chance to perfect: a child below it did not learn its task."""
-    chance = 0.5 if m.kind == "l6" else 1 / len(m.classes)
+    chance = 0.5 if m.kind in ("l6", "l3d") else 1 / len(m.classes)
     return chance + (1 - chance) / 2
 
 
@@ -440,14 +536,18 @@ def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None])
 
 def _summaries(plan: Plan, written: list[PlannedModel], accuracy: dict[str, float | None]) -> list[TreeSummary]:
     out = []
+    planned = {m.root for m in plan.models if m.kind == "base"}
     for root, kind, task in ((IMAGE_ROOT, "full", "multilabel"), (L3_ROOT, "LoRA", "multilabel"),
-                             (L6_ROOT, "LoRA", "text")):
+                             (L6_ROOT, "LoRA", "text"), (L3D_ROOT, "LoRA", "text")):
+        if root not in planned:
+            continue
         accs = [accuracy[m.repo_id] for m in written if m.root == root and m.kind != "base"]
         n_classes = {IMAGE_ROOT: len(fashion_mnist.CLASSES), L3_ROOT: len(plan.l3_pool),
-                     L6_ROOT: len(plan.l6_classes) + len(plan.l6_holdout)}[root]
+                     L6_ROOT: len(plan.l6_classes) + len(plan.l6_holdout),
+                     L3D_ROOT: len(plan.l3d_classes) + len(plan.l3d_holdout)}[root]
+        holdout = {L6_ROOT: len(plan.l6_holdout), L3D_ROOT: len(plan.l3d_holdout)}.get(root, 0)
         out.append(TreeSummary(root, kind, task, len(accs), round(sum(accs) / len(accs), 4) if accs else None,
-                               min(accs) if accs else None, n_classes,
-                               len(plan.l6_holdout) if root == L6_ROOT else 0))
+                               min(accs) if accs else None, n_classes, holdout))
     return out
 
 
@@ -489,9 +589,11 @@ def _preload(size: str, seed: int, mess: Mess, lake: Path, todo: list[PlannedMod
     loads = []
     if "image" in kinds or IMAGE_ROOT in roots:
         loads.append(trainers.image_base)
-    for root, kind in ((L3_ROOT, "l3"), (L6_ROOT, "l6")):
+    bases = {}  # L3D's root is L3's weights: load them once
+    for root, kind in ((L3_ROOT, "l3"), (L6_ROOT, "l6"), (L3D_ROOT, "l3d")):
         if kind in kinds or root in roots:
-            loads.append(functools.partial(trainers.text_base, root))
+            bases.setdefault(root.split("/")[1], functools.partial(trainers.text_base, root))
+    loads += bases.values()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads across a fork
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -508,41 +610,65 @@ def _build_one(size: str, seed: int, mess: Mess, lake: Path, index: int) -> floa
     return _write(trainers.plan.models[index], trainers, lake)
 
 
+def _first_of_each_tree(plan: Plan, limit: int) -> list[PlannedModel]:
+    """The roots and, per tree, its first `limit` in-distribution and first `limit` held-out
+    children (a chain child only with its parent): a scaled-down lake of the very same plan."""
+    taken: dict[tuple[str | None, bool], int] = {}
+    keep: list[PlannedModel] = []
+    kept: set[str] = set()
+    for m in plan.models:
+        key = (m.root, m.split == "holdout")
+        if m.kind == "base" or (m.kind != "outsider" and taken.get(key, 0) < limit
+                                and (m.parent == m.root or m.parent in kept)):
+            taken[key] = taken.get(key, 0) + (m.kind != "base")
+            keep.append(m)
+            kept.add(m.repo_id)
+    return keep
+
+
 def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess: bool = True,
-               workers: int = WORKERS, **mess_flags) -> LakeSummary:
+               workers: int = WORKERS, limit: int | None = None, **mess_flags) -> LakeSummary:
     """Build (or finish building) the lake of (size, seed) in `out` with `workers` processes.
     `mess=False` turns every kind of mess off; keyword flags set single fields of `Mess`
-    (undeclared, chains, corrupt, outsiders)."""
+    (undeclared, chains, corrupt, outsiders). `limit` builds only the roots and the first `limit`
+    in-distribution and `limit` held-out children of each tree (no outsiders): a lake too large
+    to build in a test is checked and its cost per child measured that way; it stays unfinished,
+    and a later build without a limit completes it."""
     started = time.perf_counter()
     out = Path(out).absolute()
     unknown = set(mess_flags) - {f.name for f in fields(Mess)}
     if unknown:
         raise ZooError(f"unknown mess flag(s) {', '.join(sorted(unknown))}: use {', '.join(f.name for f in fields(Mess))}")
     plan = make_plan(size, seed, replace(Mess() if mess else Mess.none(), **mess_flags))
+    if limit is not None and limit < 1:
+        raise ZooError(f"limit must be a positive number of children per tree, not {limit}")
     fashion_mnist.load_split("train")  # fail on missing data before anything is written
+    was_finished = lake_is_complete(out)  # a limited build leaves a finished lake finished
     _prepare_out(out, plan)
     if _holds_threads() and _pool_context().get_start_method() == "fork":
         # LanceDB's runtime threads make a fork unsafe: build from a fresh process, which forks.
         # Bad input has failed above, in this process, with its own error.
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as fresh:
-            return fresh.submit(build_lake, out, size, seed, progress, mess, workers, **mess_flags).result()
+            return fresh.submit(build_lake, out, size, seed, progress, mess, workers, limit, **mess_flags).result()
     hub_repo.clean_partials(out)
 
     index = {m.repo_id: i for i, m in enumerate(plan.models)}
     accuracy: dict[str, float | None] = {}
     todo = []
+    wanted = None if limit is None else {m.repo_id for m in _first_of_each_tree(plan, limit)}
     for m in plan.models:
         path = hub_repo.repo_dir(out, m.repo_id)
         if path.exists():
             accuracy[m.repo_id] = None if m.kind in ("base", "outsider") else hub_repo.read_accuracy(path)
-        else:
+        elif wanted is None or m.repo_id in wanted:
             todo.append(m)
     # a chain child starts from its parent's weights on disk: it waits for the parent's repo
     pending = {m.repo_id for m in todo}
     waiting = {m.repo_id: m for m in todo if m.kind == "image" and m.parent in pending and m.parent != IMAGE_ROOT}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task(f"lake {size}", total=len(plan.models), completed=len(plan.models) - len(todo))
+        total = len(accuracy) + len(todo)
+        task = bar.add_task(f"lake {size}", total=total, completed=total - len(todo))
         if todo:
             context = _pool_context()
             if context.get_start_method() == "fork":
@@ -571,7 +697,9 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     seconds = round(time.perf_counter() - started, 2)
     doc = _manifest(plan, trees)
     # how long the run that finished the lake took, and whether it resumed an earlier one
-    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(plan.models))
+    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(accuracy))
+    if limit is not None:
+        doc.update(finished=was_finished, limit=limit, built_now=len(todo))
     _write_json(out / MANIFEST, doc)
     return LakeSummary(str(out), size, seed, trees, len(written),
                        sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, folder_bytes(out))
