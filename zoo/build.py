@@ -331,19 +331,13 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
     # A training class needs at least one documented child, or no expert can learn it: the undocumented
     # (test) draw left two of the small lake's 40 L6 classes with none, so its expert knew 38. Each such
     # class gets one more child, documented, from its own stream (tiny and full have none to add).
-    doc_rng = random.Random(f"probex-lake/{size}/{seed}/l6-documented")
-    doc_name = _name_maker(doc_rng, taken={m.repo_id for m in models})
-    documented = {m.classes[0] for m in models if m.kind == "l6" and m.documented}
-    for c in [c for c in l6_classes if c not in documented]:
-        models.append(_planned_child(doc_rng, doc_name(L6_ROOT, True), "l6", L6_ROOT, (c,), False, True,
-                                     parent=L6_ROOT, corruption=None, test_share=0.0))
-    # the same rule for L3D, from a stream of its own (sizes without L3D draw nothing)
-    doc_rng = random.Random(f"probex-lake/{size}/{seed}/l3d-documented")
-    doc_name = _name_maker(doc_rng, taken={m.repo_id for m in models})
-    documented = {m.classes[0] for m in models if m.kind == "l3d" and m.documented}
-    for c in [c for c in l3d_classes if c not in documented]:
-        models.append(_planned_child(doc_rng, doc_name(L3D_ROOT, True), "l3d", L3D_ROOT, (c,), False, True,
-                                     parent=L3D_ROOT, corruption=None, test_share=0.0))
+    for kind, root, classes in (("l6", L6_ROOT, l6_classes), ("l3d", L3D_ROOT, l3d_classes)):
+        doc_rng = random.Random(f"probex-lake/{size}/{seed}/{kind}-documented")  # a stream per tree
+        doc_name = _name_maker(doc_rng, taken={m.repo_id for m in models})
+        documented = {m.classes[0] for m in models if m.kind == kind and m.documented}
+        for c in [c for c in classes if c not in documented]:
+            models.append(_planned_child(doc_rng, doc_name(root, True), kind, root, (c,), False, True,
+                                         parent=root, corruption=None, test_share=0.0))
     return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed, l3d_classes, l3d_holdout)
 
 
