@@ -312,6 +312,12 @@ class Catalog:
             return self.read(MODELS, where=where, columns=columns).to_pylist()
         return [r for r in models if r["tree_id"] == tree_id and r["status"] == "ok" and r["repo_id"] != tree_id]
 
+    def model(self, repo_id: str, columns: list[str] | None = None) -> dict | None:
+        """The repo's current row (its newest sha that is not superseded), or None."""
+        where = f"repo_id = {sql_literal(repo_id)} AND status != 'superseded'"
+        rows = self.read(MODELS, where=where, columns=columns).to_pylist()
+        return rows[0] if rows else None
+
     def tree(self, tree_id: str) -> dict | None:
         """The tree's row, or None when the catalog has no such tree."""
         rows = self.read(TREES, where=f"tree_id = {sql_literal(tree_id)}").to_pylist()

@@ -107,8 +107,7 @@ def plan_extraction(settings: Settings, trees: list[str] | None = None, layers: 
         plans[tree_id] = wanted
         root = None
         if needs_root(members):
-            root = next((r for r in models if r["repo_id"] == tree_id), None) or next(iter(catalog.read(
-                MODELS, where=f"repo_id = {sql_literal(tree_id)} AND status != 'superseded'").to_pylist()), None)
+            root = next((r for r in models if r["repo_id"] == tree_id), None) or catalog.model(tree_id)
         jobs += jobs_for_tree(source, models, tree_id, {l: shapes.get(l) for l in wanted}, settings.shards,
                               readable_root(root))
     return jobs, plans

@@ -25,7 +25,7 @@ from probex_core.heads import MULTILABEL, TEXT, HeadKind, get_head
 from probex_core.probex import COMPACT
 from probex_core.splits import is_val
 from probex_core.train import LayerChoice, TrainConfig, TrainResult, choose_layer, probex_trainer, refit
-from storage.catalog import MODELS, Catalog, sql_literal
+from storage.catalog import Catalog
 from storage.shards import layers_of, read_layer
 
 GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -99,9 +99,7 @@ def load_layer(shards: str, tree_id: str, layer: str, models: list[dict], root: 
 
 def tree_root(catalog: Catalog, tree_id: str) -> dict | None:
     """The tree root's current catalog row (repo_id, sha), or None when the catalog has none."""
-    where = f"repo_id = {sql_literal(tree_id)} AND status != 'superseded'"
-    rows = catalog.read(MODELS, where=where, columns=["repo_id", "sha"]).to_pylist()
-    return rows[0] if rows else None
+    return catalog.model(tree_id, columns=["repo_id", "sha"])
 
 
 def validation_ids(ids: list[str], labels: TreeLabels) -> list[str]:
