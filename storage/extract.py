@@ -211,6 +211,11 @@ def _extract_full(job: ExtractJob, res: ExtractResult, layout: RepoLayout | None
     return rows
 
 
+def skipped(job: ExtractJob) -> ExtractResult:
+    """The result for a model whose layers are all stored already."""
+    return ExtractResult(job.opener.repo_id, job.opener.sha, job.tree_id, "skipped", layers=list(job.layers))
+
+
 def extract_model(job: ExtractJob) -> ExtractResult:
     """Read the job's layers and write one shard per layer. Never raises for bad data. The
     result carries the Hub requests its reads made (counted in the worker, returned with it)."""
@@ -226,9 +231,7 @@ def _extract_model(job: ExtractJob) -> ExtractResult:
     res = ExtractResult(loc.repo_id, loc.sha, job.tree_id, "ok")
     if not job.planned_missing and all(has_shard(job.shards_root, job.tree_id, l, loc.repo_id, loc.sha)
                                        for l in job.layers):
-        res.status = "skipped"
-        res.layers = list(job.layers)
-        return res
+        return skipped(job)
     files = weight_files(job.files)
     try:
         if files.kind == "single":

@@ -6,8 +6,9 @@
 `shards/` is a folder or an object-store URI (s3://bucket/prefix, ...), reached through
 storage/fs.py. Extraction writes one small file per (model, tree, layer), named deterministically,
 so re-extracting a model overwrites its own file and can never duplicate rows; each file is
-published atomically (a temporary `.name.xxxx.tmp` first, then the final name), and readers skip
-temporary names, so a killed worker leaves no half shard that looks whole.
+published atomically (storage/fs.py's `publish`: one PUT on an object store, a temporary
+`.name.xxxx.tmp` then a rename on disk), and readers skip temporary names, so a killed worker
+leaves no half shard that looks whole.
 
 Compaction (storage/compaction.py) folds a layer's small files into large row-grouped parts of the
 same schema under `parts/`, publishes each part whole, and only then removes the small files it
@@ -189,9 +190,13 @@ def list_layer(fs: pafs.FileSystem, folder: str) -> LayerFiles:
     removes the small files, so a small file this listing misses is in a part the next one sees."""
     small = sorted((i for i in listdir(fs, folder) if i.type == pafs.FileType.File
                     and i.base_name.endswith(".parquet")), key=lambda i: i.base_name)
-    parts = sorted((i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File
-                    and _is_part(i.base_name)), key=lambda i: (part_seq(i.base_name), i.base_name), reverse=True)
-    return LayerFiles(tuple(small), tuple(parts))
+    return LayerFiles(tuple(small), list_parts(fs, folder))
+
+
+def list_parts(fs: pafs.FileSystem, folder: str) -> tuple[pafs.FileInfo, ...]:
+    """A layer folder's parts, newest first."""
+    parts = (i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File and _is_part(i.base_name))
+    return tuple(sorted(parts, key=lambda i: (part_seq(i.base_name), i.base_name), reverse=True))
 
 
 @dataclass(frozen=True)
@@ -268,8 +273,7 @@ def has_shard(root: str | os.PathLike, tree_id: str, layer: str, repo_id: str, s
     with translate(root, ENV_SHARDS):
         if is_file(fs, join(folder, small_name(repo_id, sha))):
             return True
-        parts = [i for i in listdir(fs, join(folder, PARTS)) if i.type == pafs.FileType.File and _is_part(i.base_name)]
-        return any((repo_id, sha) in part_rows(fs, p).keys for p in parts)
+        return any((repo_id, sha) in part_rows(fs, p).keys for p in list_parts(fs, folder))
 
 
 def layers_of(root: str | os.PathLike, tree_id: str) -> list[str]:

@@ -16,6 +16,7 @@ from storage.extract import (
     extract_model,
     header_shapes,
     model_layer_shapes,
+    skipped,
 )
 from storage.http import HubRequests
 from storage.records import is_adapter, repo_files
@@ -95,11 +96,6 @@ def split_done(jobs: list[ExtractJob]) -> tuple[list[ExtractResult], list[Extrac
     done = [is_done(j, stored) for j in jobs]
     return ([skipped(j) for j, d in zip(jobs, done) if d],
             [replace(j, planned_missing=True) for j, d in zip(jobs, done) if not d])
-
-
-def skipped(job: ExtractJob) -> ExtractResult:
-    """What extract_model answers for a model whose layers are all stored."""
-    return ExtractResult(job.opener.repo_id, job.opener.sha, job.tree_id, "skipped", layers=list(job.layers))
 
 
 def run_extraction(jobs: list[ExtractJob], *, dask_address: str | None = None, n_workers: int = 2,
