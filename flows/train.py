@@ -14,7 +14,7 @@ from prefect.futures import as_completed
 
 from flows.common import dask_runner, publish, settings
 from flows.ingest import run_extract
-from tasks.dask_cluster import cluster_gpus, cluster_slots, on_gpus, quiet_cluster_config, submit_bounded
+from tasks.dask_cluster import cluster_capacity, on_gpus, quiet_cluster_config, submit_bounded
 from tasks.pipeline import CLUSTER_TRAIN_TIMEOUT_S, embed_task, largest_first, list_trees_task, train_tree_task
 
 
@@ -43,10 +43,9 @@ def train_experts(trees: list[str] | None = None, home: str | None = None) -> di
     extract = run_extract(home, "candidates")
     log.info("extract: %s extracted, %s already there", extract.extracted, extract.skipped)
     names = list_trees_task(home, trees)
-    gpus = cluster_gpus(s.dask_address)
+    gpus, slots = cluster_capacity(s.dask_address, s.dask_workers)
     reports, embed = {}, None
     if names:
-        slots = cluster_slots(s.dask_address, s.dask_workers, gpus)
         with quiet_cluster_config():  # prefect-dask starts its LocalCluster inside
             reports, embed = train_trees.with_options(task_runner=dask_runner(s))(
                 home, largest_first(s, names), gpus, slots)

@@ -92,19 +92,17 @@ def advertised(client, resource: str = GPU) -> float:
 def cluster_gpus(address: str | None) -> float:
     """GPUs the scheduler at `address` advertises; 0 without one (a LocalCluster's workers
     advertise no resources)."""
-    if not address:
-        return 0.0
-    with dask_client(address) as client:
-        return advertised(client)
+    return cluster_capacity(address, 1)[0]
 
 
-def cluster_slots(address: str | None, local_workers: int, gpus: float) -> int:
-    """`training_slots` of the scheduler at `address`, or of the LocalCluster of `local_workers`
-    that a runner would start without one."""
+def cluster_capacity(address: str | None, local_workers: int) -> tuple[float, int]:
+    """(GPUs advertised, `training_slots`) of the scheduler at `address`, from one connection; or
+    of the LocalCluster of `local_workers` a runner would start without one (no GPUs)."""
     if not address:
-        return training_slots(None, gpus) if gpus > 0 else max(1, local_workers)
+        return 0.0, max(1, local_workers)
     with dask_client(address) as client:
-        return training_slots(client, gpus)
+        gpus = advertised(client)
+        return gpus, training_slots(client, gpus)
 
 
 def gpu_resources(gpus: float) -> dict[str, float] | None:
