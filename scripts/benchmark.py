@@ -234,35 +234,60 @@ def _extract_http(s) -> dict:
             "seconds": summary["seconds"]}
 
 
-def _peak_memory() -> dict:
-    """Peak RSS of a process extracting one 1024x1024 tensor from a 4 GiB sparse safetensors file."""
+def _sparse_checkpoint(folder: Path, shape: tuple[int, int], dtype: str, file_gib: float) -> dict:
+    """A safetensors file of `file_gib` GiB that is a hole except one real `shape` tensor of
+    `dtype` (F32 or BF16) at its end: `layer.weight`, after a filler tensor that is never read."""
+    import struct
+
+    import ml_dtypes
+    import numpy as np
+
+    np_dtype, size = {"F32": (np.float32, 4), "BF16": (ml_dtypes.bfloat16, 2)}[dtype]
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(np_dtype)
+    big = int(file_gib * 2**30) // size * size
+    hdr = {"filler": {"dtype": dtype, "shape": [big // size], "data_offsets": [0, big]},
+           "layer.weight": {"dtype": dtype, "shape": list(shape), "data_offsets": [big, big + values.nbytes]}}
+    h = json.dumps(hdr).encode()
+    h += b" " * (-len(h) % 8)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        f.seek(8 + len(h) + big)
+        f.write(values.tobytes())
+    return {"file_bytes": (folder / "model.safetensors").stat().st_size, "tensor_bytes": values.nbytes,
+            "float32_bytes": values.size * 4, "shape": list(shape), "dtype": dtype}
+
+
+def _peak_memory(shape: tuple[int, int] = (1024, 1024), dtype: str = "F32", file_gib: float = 4) -> dict:
+    """Peak RSS of a fresh process extracting one `shape` tensor of `dtype` from a `file_gib` GiB
+    sparse safetensors file (written here, so the child's peak is the extraction's alone), against
+    the limit of 4x the tensor's float32 size + 300 MB."""
+    import tempfile
+
     code = r"""
-import json, os, struct, sys, tempfile
-import numpy as np
-d = tempfile.mkdtemp(); p = os.path.join(d, "model.safetensors")
-big = 4 * 2**30; small = np.random.rand(1024, 1024).astype(np.float32)
-hdr = {"filler": {"dtype": "F32", "shape": [big // 4], "data_offsets": [0, big]},
-       "layer.weight": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [big, big + small.nbytes]}}
-h = json.dumps(hdr).encode(); h += b" " * (-len(h) % 8)
-with open(p, "wb") as f:
-    f.write(struct.pack("<Q", len(h))); f.write(h); f.seek(8 + len(h) + big); f.write(small.tobytes())
+import json, os, sys
 def vm(key):  # kB from /proc/self/status; VmHWM (peak RSS) starts afresh at exec, unlike ru_maxrss
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
 from storage.extract import ExtractJob, extract_model
 from storage.sources import LocalOpener
+d = sys.argv[1]
 before = vm("VmRSS")
 job = ExtractJob(LocalOpener("x/y", "0" * 40, d), "x/root", ("model.safetensors",),
                  ("layer.weight",), os.path.join(d, "shards"))
 r = extract_model(job)
 after = vm("VmHWM")
-print(json.dumps({"file_bytes": os.path.getsize(p), "tensor_bytes": small.nbytes, "status": r.status,
-                  "bytes_read": r.bytes_read, "rss_before_mb": before / 1024, "peak_rss_mb": after / 1024}))
-
+print(json.dumps({"status": r.status, "bytes_read": r.bytes_read, "rss_before_mb": before / 1024,
+                  "peak_rss_mb": after / 1024}))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    doc = json.loads(res.stdout.strip().splitlines()[-1])
-    doc["limit_mb"] = doc["tensor_bytes"] * 4 / 2**20 + 300
+    BENCH.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="peak-", dir=BENCH) as d:
+        doc = _sparse_checkpoint(Path(d), shape, dtype, file_gib)
+        res = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, cwd=ROOT, check=True)
+    doc.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    doc["limit_mb"] = doc["float32_bytes"] * 4 / 2**20 + 300
     doc["growth_mb"] = doc["peak_rss_mb"] - doc["rss_before_mb"]
+    doc["growth_within_limit"] = doc["growth_mb"] <= doc["limit_mb"]
     return doc
 
 
@@ -542,7 +567,18 @@ def bench_compact() -> None:
     save("compact", doc)
 
 
-SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "cluster": bench_cluster, "compact": bench_compact, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
+def bench_formats() -> None:
+    """Issue 17: every checkpoint, adapter and quantized format read against its reference, the
+    bytes and requests of one layer over HTTP (`scripts/bench_formats.py`), and the peak memory of
+    a 4096x4096 BF16 layer from a 16 GiB sparse checkpoint."""
+    import bench_formats
+
+    doc = bench_formats.bench(BENCH, log=lambda m: print(m, file=sys.stderr))
+    doc["peak_memory"] = _peak_memory((4096, 4096), "BF16", 16)
+    save("formats", doc)
+
+
+SECTIONS = {"lake": None, "micro": bench_micro, "scale": bench_scale, "cluster": bench_cluster, "compact": bench_compact, "formats": bench_formats, "crawl": bench_crawl, "extract": bench_extract, "train": bench_train,
             "train_full": lambda: bench_train("full", sweep=False, baselines=False),
             "train_full_baselines": lambda: bench_train("full"), "seeds": bench_seeds, "query": bench_query, "demo": bench_demo, "fresh_clone": bench_fresh_clone}
 

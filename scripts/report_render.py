@@ -101,6 +101,51 @@ def extract(doc: dict) -> list[str]:
     return lines
 
 
+def _err(row: dict) -> str:
+    """The error column: the largest difference from the reference, or the refusal."""
+    if row["max_abs_error"] is None:
+        return f"refused: {row['reason']}" if row.get("reason") else "not read"
+    err = row["max_abs_error"]
+    return ("0 (exact)" if err == 0 else f"{err:.2e}") + f" (values up to {row['ref_max_abs']:.3g})"
+
+
+def formats(doc: dict) -> list[str]:
+    table, http, mem = doc["table"], doc["http"], doc["peak_memory"]
+    sh, one = http["sharded"], http["single_file"]
+    lines = ["## Checkpoint and adapter formats (issue 17)", _machine(doc), "",
+             "Each format is built at run time by the library that writes it (torch + safetensors, peft, "
+             "transformers' FP8 quantizers; diffusers LoRA files by their documented key names, peft's "
+             "state dict under `unet.`, as diffusers is not installed) and read as the product reads a "
+             "child (`extract_model`: header, byte ranges, factors or dequantization, the shard row read "
+             "back; a LoRA row's value is `scale * B @ A`). Target: values equal the reference within float "
+             f"tolerance (max abs error <= {doc['rel_tol']:g} x max(1, max abs value)); a refusal names the "
+             "format and why. Rerun: `scripts/benchmark.py formats` (`scripts/bench_formats.py`).", ""]
+    lines += _table(["format", "reference", "max abs error", "status", "met"],
+                    [[r["format"], r["reference"], _err(r).replace("|", "\\|"), r["status"], r["met"]] for r in table])
+    lines += ["", f"{sum(r['met'] for r in table)} of {len(table)} formats met their target.", ""]
+    lines += [f"Bytes over HTTP (loopback Hub server, `HubSource` opener + `extract_model`) for one "
+              f"{sh['layer']} ({sh['layer_bytes'] / 2**20:.0f} MiB of BF16) from a {len(sh['shards'])}-shard checkpoint "
+              f"of {sh['checkpoint_bytes'] / 1e9:.2f} GB (sparse: {sh['disk_bytes'] / 2**20:.0f} MiB on disk): "
+              f"the reader counted {sh['bytes_read']:,} bytes, the server served {sh['server_bytes_served']:,}; "
+              f"shards touched {', '.join(sh['shards_touched'])} (header {sh['header_bytes_touched']:,} bytes; the "
+              f"index, {sh['index_bytes']:,} bytes, is read too). Target `1.1 x layer bytes + header bytes of each "
+              f"shard touched` = {sh['bound_bytes']:,.0f} bytes: **{'met' if sh['bound_holds'] else 'not met'}** "
+              f"({sh['server_bytes_served'] / sh['layer_bytes']:.4f}x the layer). Requests for that model: "
+              f"{sh['requests_server']} (server count; the client counted {sh['requests_client']}); values equal "
+              f"what was written: {_f(sh['values_equal'])}.", "",
+              f"Requests per model for a single-file model ({one['file_bytes']:,} bytes; one "
+              f"{'x'.join(map(str, one['layer_shape']))} {one['layer_dtype']} layer): "
+              f"{one['requests_server']} served (client {one['requests_client']}), {one['server_bytes_served']:,} "
+              f"bytes; target <= {one['target_requests']}: **{'met' if one['met'] else 'not met'}**.", "",
+              f"Peak memory: a fresh process extracting one {mem['shape'][0]}x{mem['shape'][1]} {mem['dtype']} layer "
+              f"({mem['tensor_bytes'] / 2**20:.0f} MiB stored, {mem['float32_bytes'] / 2**20:.0f} MiB as float32) from a "
+              f"{mem['file_bytes'] / 2**30:.1f} GiB sparse checkpoint: peak RSS {_f(mem['peak_rss_mb'], 1)} MB, growth "
+              f"during the read {_f(mem['growth_mb'], 1)} MB; target <= 4 x float32 size + 300 = "
+              f"{_f(mem['limit_mb'], 0)} MB: **{'met' if mem['growth_within_limit'] else 'not met'}** "
+              f"(status {mem['status']}, bytes read {mem['bytes_read']:,})."]
+    return lines
+
+
 def expert_targets(ev: dict, size: str) -> list[list]:
     """Issue 5's targets, each checked against this run's `probex eval --json`: [tree, target,
     measured, met]. Only what was run is checked (the full lake may lack the baselines)."""
@@ -369,7 +414,7 @@ def design_notes(doc: dict) -> list[str]:
     return out
 
 
-SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("train", train), ("seeds", seeds),
+SECTIONS = [("lake", lake), ("crawl", crawl), ("extract", extract), ("formats", formats), ("train", train), ("seeds", seeds),
             ("train_full", train), ("query", query),
             ("demo", demo), ("fresh_clone", fresh_clone), ("gpu", gpu), ("scale", scale), ("cluster", cluster), ("compact", compact), ("micro", micro), ("design_notes", design_notes)]
 
