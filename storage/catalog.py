@@ -75,6 +75,10 @@ MODELS_SCHEMA = pa.schema(
         ("last_modified", _TS),
         ("route_distances", pa.string()),  # JSON {tree_id: distance} for weight-routed models
         ("adapter_modules", pa.list_(pa.string())),  # LoRA "module|in|out" signature, from the header
+        # full | sharded | peft | lora | single | none (storage.records.weights_kind): a single
+        # safetensors file of no telling name as its header showed it (lora or full; "single" when
+        # unread); null in rows written before the column (then told from the file names)
+        ("weights_kind", pa.string()),
         ("source", pa.string()),
     ]
 )
@@ -98,6 +102,9 @@ TREES_SCHEMA = pa.schema(
 WATERMARKS_SCHEMA = pa.schema(
     [("source", pa.string()), ("watermark", _TS), ("updated_at", _TS)]
 )
+
+
+CONTRACTS = {MODELS: MODELS_SCHEMA, TREES: TREES_SCHEMA, WATERMARKS: WATERMARKS_SCHEMA}
 
 
 class CatalogError(ProbexError):
@@ -174,7 +181,9 @@ class Catalog:
         return self.db.create_table(name, schema=schema)
 
     def read(self, name: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """A whole table (or a filtered part) as Arrow; an empty table when it does not exist."""
+        """A whole table (or a filtered part) as Arrow; an empty table when it does not exist.
+        A projected column the table lacks (added to the contract after the table was made) reads
+        as nulls of its contract type, as its stored rows get it once a write adds the column."""
         if not self.has(name):
             return pa.table({})
         tbl = self.db.open_table(name)
@@ -183,9 +192,15 @@ class Catalog:
         q = tbl.search()
         if where:
             q = q.where(where)
+        missing = [c for c in columns or () if c not in tbl.schema.names]
         if columns:
-            q = q.select(columns)
-        return q.limit(None).to_arrow()
+            q = q.select([c for c in columns if c not in missing])
+        out = q.limit(None).to_arrow()
+        contract = CONTRACTS.get(name)
+        for c in missing:
+            kind = contract.field(c).type if contract is not None and c in contract.names else pa.string()
+            out = out.append_column(pa.field(c, kind), pa.nulls(len(out), kind))
+        return out.select(columns) if missing else out
 
     def upsert(self, name: str, rows: list[dict], key: list[str], schema: pa.Schema) -> UpsertResult:
         """Insert new rows, update rows whose content changed, leave identical rows alone.

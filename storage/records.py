@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from storage.adapters import looks_like_adapter  # the rule extraction applies to the same header
+
 
 @dataclass(frozen=True)
 class RepoFile:
@@ -58,7 +60,8 @@ class WeightFiles:
 
     kind: "full" (one safetensors file), "sharded" (`filename` is the shard index), "peft" (PEFT
     adapter), "lora" (a diffusers or kohya LoRA file), "single" (one safetensors file of another
-    name: a LoRA or a whole checkpoint, told apart by its header), or "none" (nothing readable).
+    name: a LoRA or a whole checkpoint, told apart by its header: `single_kind`), or "none"
+    (nothing readable).
     """
 
     kind: str
@@ -66,7 +69,10 @@ class WeightFiles:
 
     @property
     def is_adapter(self) -> bool:
-        return self.kind in ("peft", "lora")
+        return self.kind in ADAPTER_KINDS
+
+
+ADAPTER_KINDS = ("peft", "lora")
 
 
 def weight_files(files: Iterable[str]) -> WeightFiles:
@@ -85,6 +91,12 @@ def weight_files(files: Iterable[str]) -> WeightFiles:
     if len(top) == 1:
         return WeightFiles("single", top[0])
     return WeightFiles("none")
+
+
+def single_kind(tensor_names: Iterable[str]) -> str:
+    """What a "single" file is, from its header's tensor names: "lora" (a LoRA of any format:
+    kohya `lora_unet_...`, diffusers, PEFT keys) or "full" (a whole checkpoint)."""
+    return "lora" if looks_like_adapter(tensor_names) else "full"
 
 
 def no_safetensors_reason(files: Iterable[str]) -> str | None:
@@ -109,6 +121,16 @@ def repo_files(row: dict) -> tuple[str, ...]:
     return tuple(f["path"] for f in row.get("files") or [])
 
 
+def weights_kind(row: dict) -> str:
+    """A `models` row's weights kind (WeightFiles.kind): the crawl's `weights_kind`, where a single
+    safetensors file of no telling name is resolved by its header to "lora" or "full"; from the
+    file names alone for a row written before that column (or whose header was unreadable: then
+    "single", read as a full model, as before)."""
+    return row.get("weights_kind") or weight_files(repo_files(row)).kind
+
+
 def is_adapter(row: dict) -> bool:
-    """An adapter repo (PEFT, diffusers or kohya LoRA weights, no full weights)."""
-    return weight_files(repo_files(row)).is_adapter
+    """An adapter repo (PEFT, diffusers or kohya LoRA weights, no full weights): by its file names,
+    or, for one safetensors file of another name, by the header the crawl read (`weights_kind`).
+    A card's `base_model_relation: adapter` alone is not enough: cards are often wrong."""
+    return weights_kind(row) in ADAPTER_KINDS

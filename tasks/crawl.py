@@ -1,7 +1,8 @@
 """Crawl a source into the catalog: list -> place by lineage -> route the rest by weights -> upsert.
 
 Incremental and idempotent: by default the listing starts at the source's watermark; only new
-(repo_id, sha) pairs are read further (an adapter's header for its module signature, a few tensors
+(repo_id, sha) pairs are read further (an adapter's header for its module signature, the header of
+a single safetensors file of no telling name to tell a LoRA from a whole checkpoint, a few tensors
 for weight routing); rows are upserted by diff, so a re-run changes nothing; the watermark moves
 only after the rows are committed, and never past models a `--limit` left unread.
 
@@ -33,7 +34,7 @@ from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, r
 from storage.catalog import MODELS, TREES, Catalog, sql_in
 from storage.extract import adapter_layer_shapes, header_shapes
 from storage.http import HubRequests, counting
-from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files
+from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files, single_kind, weight_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
 from storage.sources import Source, SourceError
 from storage.sources.parse import ADAPTER_CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES, Status, adapter_config_base
@@ -84,17 +85,24 @@ def model_row(rec: ModelRecord, source: Source) -> dict:
         "labels": [rec.id2label[k] for k in sorted(rec.id2label, key=_label_order)] if rec.id2label else None,
         "files": [{"path": f.path, "size": f.size} for f in rec.files],
         "created_at": rec.created_at, "last_modified": rec.last_modified, "source": source.name,
-        "adapter_modules": None,
+        "adapter_modules": None, "weights_kind": weight_files(f.path for f in rec.files).kind,
     }
 
 
 def make_row(source: Source, rec: ModelRecord) -> dict:
-    """A new catalog row from a record, with what the crawl reads beyond it: an adapter's module
-    signature, its lineage from adapter_config.json when the card gives none, and the relation."""
+    """A new catalog row from a record, with what the crawl reads beyond it: what a single
+    safetensors file of no telling name holds (a LoRA or a whole checkpoint: its header), an
+    adapter's module signature, its lineage from adapter_config.json when the card gives none,
+    and the relation."""
     row = model_row(rec, source)
     readable = rec.status not in (Status.BAD_REPO_ID, Status.NOT_FOUND, Status.GATED)
+    shapes = None
+    if readable and row["weights_kind"] == "single":
+        shapes = _header(source, row, "weights")
+        if shapes is not None:
+            row["weights_kind"] = single_kind(shapes)
     if readable and is_adapter(row) and rec.status == "ok":
-        row["adapter_modules"] = _adapter_signature(source, row)
+        row["adapter_modules"] = _adapter_signature(source, row, shapes)
     if readable and not row["parents"] and (base := _adapter_config_base(source, row)):
         row["parents"], row["lineage_source"] = [base], ADAPTER_CONFIG
     quantized = bool(no_safetensors_reason(repo_files(row))) and any(f.endswith(".gguf") for f in repo_files(row))
@@ -122,12 +130,24 @@ def _label_order(key: str):
     return (0, int(key)) if str(key).isdigit() else (1, str(key))
 
 
-def _adapter_signature(source: Source, row: dict) -> list[str] | None:
-    """'module|in|out' for each LoRA module, read from the adapter's header only."""
+def _header(source: Source, row: dict, what: str) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of the repo's weights, from the header only; None, with the row's reason
+    saying why, when it is unreadable (extraction quarantines the model with the details)."""
     try:
         shapes, _ = header_shapes(source.opener(row["repo_id"], row["sha"]), repo_files(row))
     except (TensorReadError, OSError) as e:
-        row["reason"] = f"unreadable adapter header: {e}"
+        why = f"unreadable {what} header: {e}"
+        row["reason"] = f"{row['reason']}; {why}" if row.get("reason") else why
+        return None
+    return shapes
+
+
+def _adapter_signature(source: Source, row: dict, shapes: dict[str, tuple[int, ...]] | None = None
+                       ) -> list[str] | None:
+    """'module|in|out' for each LoRA module, read from the adapter's header only (`shapes`: the
+    header when already read)."""
+    shapes = shapes if shapes is not None else _header(source, row, "adapter")
+    if shapes is None:
         return None
     return sorted(f"{m}|{s[1]}|{s[0]}" for m, s in adapter_layer_shapes(shapes).items())
 
@@ -529,7 +549,7 @@ def update_tree_counts(catalog: Catalog, delta: Counter) -> dict[str, int]:
 
 
 COUNT_COLUMNS = ("n_models", "n_finetune", "n_adapter", "n_other")
-TREE_COUNT_COLUMNS = ["repo_id", "tree_id", "relation", "files"]
+TREE_COUNT_COLUMNS = ["repo_id", "tree_id", "relation", "files", "weights_kind"]
 TREE_KEEP = ("layer", "expert_version", "task", "candidate_layers", "layer_shapes")
 
 

@@ -324,3 +324,97 @@ def test_probex_crawl_shows_the_hub_requests_it_made_in_80_columns(tmp_path):
     assert doc["retry_wait_s"] > 0 and doc["limiter_wait_s"] == 0  # no shared limiter without Prefect
     assert text.exit_code == 0 and "crawl: Hub requests" in text.stdout and "limiter wait s" in text.stdout
     assert max(len(line) for line in text.stdout.splitlines()) <= 80
+
+
+# --- one safetensors file of no telling name: a LoRA or a whole checkpoint, by its header ----------
+
+KOHYA_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+def kohya_file(path):
+    """A kohya LoRA as sd-scripts saves it: `lora_unet_<module with _ for .>` down/up factors and alpha."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file({f"{KOHYA_KEY}.lora_down.weight": rng.standard_normal((4, 3)).astype(np.float16),
+               f"{KOHYA_KEY}.lora_up.weight": rng.standard_normal((5, 4)).astype(np.float16),
+               f"{KOHYA_KEY}.alpha": np.array(2.0, np.float16),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((4, 3), np.float16),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((3, 4), np.float16)},
+              str(path), metadata={"ss_network_module": "networks.lora"})
+    return path.read_bytes()
+
+
+def single_file_lake(root, tmp_path):
+    """A root; a kohya LoRA whose card names no relation; a whole checkpoint in one file of another
+    name whose card says `adapter` (cards are often wrong: the header decides)."""
+    write_repo(root, "base/root", {"README.md": card("license: mit"), "config.json": {},
+                                   "model.safetensors": "<safetensors>"}, t=T0)
+    write_repo(root, "org/kohya-style", {"README.md": card("base_model: base/root"),
+                                         "pixel_style_v2.safetensors": kohya_file(tmp_path / "k.safetensors")},
+               t=T0 + 60)
+    write_repo(root, "org/checkpoint", {"README.md": card("base_model: base/root\nbase_model_relation: adapter"),
+                                        "config.json": {}, "merged-fp16.safetensors": "<safetensors>"}, t=T0 + 120)
+    return root
+
+
+def test_a_single_kohya_file_is_an_adapter_and_a_single_checkpoint_a_full_model(tmp_path):
+    from storage.records import is_adapter, weight_files
+
+    lake = single_file_lake(tmp_path / "lake", tmp_path)
+    cat = Catalog(str(tmp_path / "cat"))
+    crawl_source(LocalSource(lake), cat)
+    got = rows(cat)
+    kohya, full = got["org/kohya-style"], got["org/checkpoint"]
+    # by file names alone both are "single": the header the crawl read tells them apart
+    assert weight_files(["pixel_style_v2.safetensors"]).kind == weight_files(["merged-fp16.safetensors"]).kind == "single"
+    assert (kohya["weights_kind"], is_adapter(kohya), kohya["status"], kohya["reason"]) == ("lora", True, "ok", None)
+    assert kohya["relation"] == "adapter" and "relation_inferred" in kohya["flags"]  # inferred from the header
+    assert kohya["adapter_modules"] and any(KOHYA_KEY in m for m in kohya["adapter_modules"])
+    assert (full["weights_kind"], is_adapter(full), full["adapter_modules"]) == ("full", False, None)
+    assert got["base/root"]["weights_kind"] == "full" and not is_adapter(got["base/root"])
+    tree = cat.tree("base/root")
+    assert (tree["n_models"], tree["n_adapter"]) == (3, 2)  # the lying card still counts by its relation
+    # a row read back without the column (an older catalog) is told by its file names, as before
+    assert not is_adapter({k: v for k, v in kohya.items() if k != "weights_kind"})
+
+
+def test_a_single_files_unreadable_header_is_said_and_read_as_before(tmp_path):
+    from storage.records import is_adapter
+
+    write_repo(tmp_path / "lake", "org/broken", {"README.md": card("base_model: base/elsewhere"),
+                                                 "style.safetensors": b"\xff" * 12}, t=T0)
+    cat = Catalog(str(tmp_path / "cat"))
+    crawl_source(LocalSource(tmp_path / "lake"), cat)
+    row = rows(cat)["org/broken"]
+    assert row["weights_kind"] == "single" and not is_adapter(row)
+    assert row["reason"].startswith("unreadable weights header")
+
+
+def test_a_catalog_from_before_weights_kind_opens_and_gains_the_column(tmp_path):
+    """An older catalog has no `weights_kind`: projected reads give nulls (its rows are told by
+    their file names), the next crawl adds the column, and recounting a tree reads it."""
+    from storage.records import is_adapter
+    from tasks.crawl import refresh_trees
+
+    lake = single_file_lake(tmp_path / "lake", tmp_path)
+    kohya = lake / "org" / "kohya-style"
+    moved = shutil.move(str(kohya), str(tmp_path / "later"))
+    cat = Catalog(str(tmp_path / "cat"))
+    crawl_source(LocalSource(lake), cat)
+    cat.table(MODELS).drop_columns(["weights_kind"])
+    old = Catalog(str(tmp_path / "cat"), create=False)
+    assert "weights_kind" not in old.table(MODELS).schema.names
+    got = old.read(MODELS, where="repo_id = 'base/root'", columns=["repo_id", "weights_kind"]).to_pylist()
+    assert got == [{"repo_id": "base/root", "weights_kind": None}]
+    assert refresh_trees(old, {"base/root"}) == {"base/root": 2}
+
+    shutil.move(moved, str(kohya))
+    s = crawl_source(LocalSource(lake), old, incremental=False)
+    assert s.new == 1
+    got = rows(old)
+    assert got["org/kohya-style"]["weights_kind"] == "lora" and is_adapter(got["org/kohya-style"])
+    assert got["org/checkpoint"]["weights_kind"] is None  # written before the column: not read again
+    assert refresh_trees(old, {"base/root"}) == {"base/root": 3}
+    assert old.tree("base/root")["n_adapter"] == 2

@@ -94,6 +94,36 @@ def test_the_sd_tree_is_written_as_diffusers_and_kohya_write_it(tmp_path):
     assert not list(tmp_path.glob("*/.*.partial-*"))
 
 
+def test_the_sd_tree_of_diffusers_and_kohya_loras_is_not_mixed(tmp_path):
+    """kohya's one `<style>.safetensors` is an adapter by its header (the crawl reads it): the SD
+    tree is LoRAs only, so its candidate layers are planned from LoRAs and its root is not read."""
+    from probex_core.settings import Settings, apply_runtime_env
+    from storage.records import is_adapter
+    from tasks.extract import needs_root, tree_members
+    from tasks.pipeline import catalog_for, crawl_step, plan_extraction
+
+    plan = make_plan("sd")
+    s = Settings.load(tmp_path / "home")
+    apply_runtime_env(s)
+    write_tree(s.lake, plan)
+    crawl_step(s, str(s.lake))
+    catalog = catalog_for(s)
+    models = {r["repo_id"]: r for r in catalog.read("models").to_pylist()}
+    kohya = [c.repo_id for c in plan.children if c.format == "kohya_lora"]
+    assert kohya and all(models[m]["weights_kind"] == "lora" and is_adapter(models[m]) for m in kohya)
+    assert all(models[m]["adapter_modules"] for m in kohya)
+    assert all(is_adapter(models[c.repo_id]) for c in plan.children)
+    assert models[SD_ROOT]["weights_kind"] == "full" and not is_adapter(models[SD_ROOT])
+    assert not needs_root(tree_members(list(models.values()), SD_ROOT))
+    tree = catalog.tree(SD_ROOT)
+    assert (tree["n_adapter"], tree["n_finetune"]) == (len(plan.children), 0)
+    jobs, planned = plan_extraction(s, [SD_ROOT], [SD_LAYER])
+    assert planned == {SD_ROOT: [SD_LAYER]}
+    assert sorted(j.opener.repo_id for j in jobs) == sorted(c.repo_id for c in plan.children)  # no root job
+    jobs, planned = plan_extraction(s, [SD_ROOT], mode="candidates")  # planned from LoRA headers
+    assert SD_LAYER in planned[SD_ROOT] and SD_ROOT not in {j.opener.repo_id for j in jobs}
+
+
 # -- end to end --------------------------------------------------------------------------------
 
 
@@ -184,6 +214,11 @@ def test_every_repo_is_catalogued_with_lineage_and_the_pickle_is_never_opened(fa
     (pickle,) = [c.repo_id for c in plans["llama"].children if c.format == "pickle_only"]
     assert models[pickle]["reason"] == PICKLE_REASON
     assert pickle not in {j.opener.repo_id for j in steps["jobs"]}
+    # the Llama tree mixes full fine-tunes and adapters (its root is read); the SD tree does not
+    jobs = {j.opener.repo_id for j in steps["jobs"]}
+    assert LLAMA_ROOT in jobs and SD_ROOT not in jobs
+    kohya = [c.repo_id for c in plans["sd"].children if c.format == "kohya_lora"]
+    assert kohya and all(models[m]["weights_kind"] == "lora" and models[m]["relation"] == "adapter" for m in kohya)
     assert not [p for p in steps["opened"] if "pytorch_model.bin" in p]
     assert steps["extract"].quarantined == [] and all(r.status == "ok" for r in steps["extract"].results)
 
@@ -228,7 +263,7 @@ def test_the_sd_layer_is_read_from_diffusers_and_kohya_loras(families_home):
     plan = plans["sd"]
     module = SD_LAYER.removesuffix(".weight")
     rows = _rows(s, SD_ROOT, SD_LAYER)
-    assert {c.repo_id for c in plan.children} <= set(rows)
+    assert set(rows) == {c.repo_id for c in plan.children}  # LoRAs only: the root's layer is never read
     key = "lora_unet_" + module.replace(".", "_")
     for c in plan.children:
         row = rows[c.repo_id]
