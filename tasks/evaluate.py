@@ -3,7 +3,14 @@ the same splits and layer, plus the paper's one-model-across-trees experiment.
 
 Ground truth (`_ground_truth.parquet` of a bundled lake) is read here only: training never sees it.
 Test = the tree's `test` models (undocumented in the lake); zero-shot = its `holdout` models, scored
-only against the held-out classes' texts.
+only against the held-out classes' texts. A tree whose ground truth marks its models `synthetic`
+(zoo/families.py: weights at real layouts, never trained on data) is reported as such: its numbers
+claim no accuracy.
+
+The baselines read the rows as the expert does: for an expert of representation "delta" (a mixed
+tree of full fine-tunes and adapters), each row's change from the root matrix the expert was
+trained against (dense X - W_root; a LoRA row s B A already is a change), so no baseline sees raw
+dense matrices beside LoRA deltas.
 """
 
 from __future__ import annotations
@@ -79,6 +86,34 @@ class TreeSplits:
     val: LayerDataset
     test: LayerDataset | None
     heldout: LayerDataset | None
+    synthetic: bool = False  # the ground truth marks the tree's models synthetic: no accuracy claimed
+
+    def as_expert_reads(self) -> "TreeSplits":
+        """The splits with rows as the expert reads them (`expert_view`): what a baseline trains on."""
+        view = lambda ds: expert_view(ds, self.expert)  # noqa: E731
+        return replace(self, train=view(self.train), val=view(self.val), test=view(self.test),
+                       heldout=view(self.heldout))
+
+
+def expert_view(ds: LayerDataset | None, expert) -> LayerDataset | None:
+    """`ds` as `expert` reads it: for a delta expert, every row's change from the root matrix the
+    expert was trained against (its `input_root`, the root's row it was fitted on); otherwise the
+    rows as they are."""
+    if ds is None or expert.probex_config.representation != "delta":
+        return ds
+    root = expert.model.input_root
+    if root is None:
+        raise ProbexError(f"the delta expert of tree {ds.tree} carries no root matrix to read rows against")
+    ref = ds.X if ds.X is not None else ds.A
+    with_root = ds.subset(torch.arange(len(ds)))
+    with_root.root = root.detach().to(device=ref.device, dtype=ref.dtype)
+    return with_root.deltas()
+
+
+def is_synthetic(gt: dict, repo_ids) -> bool:
+    """Whether the ground truth marks any of these models synthetic (False in a lake whose ground
+    truth predates the column)."""
+    return any(bool(gt.get(r, {}).get("synthetic")) for r in repo_ids)
 
 
 def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: dict) -> TreeSplits | None:
@@ -93,7 +128,8 @@ def tree_splits(catalog: Catalog, shards: str, experts: str, tree_id: str, gt: d
     head = labels.head
     test = _eval_set(rows, gt, models, "test", head, tree_id, layer, classes=train.classes)
     heldout = _eval_set(rows, gt, models, "holdout", head, tree_id, layer) if head.uses_texts else None
-    return TreeSplits(expert, head, train, val, test, heldout)
+    synthetic = is_synthetic(gt, [tree_id, *(r["repo_id"] for r in models)])
+    return TreeSplits(expert, head, train, val, test, heldout, synthetic)
 
 
 def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None = None,
@@ -109,7 +145,8 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
             heldout_emb = torch.as_tensor(encoder.encode_classes(heldout.classes))
     info = expert.config.get("info", {})
     report = {
-        "task": head.name, "layer": layer,
+        "task": head.name, "layer": layer, "synthetic": splits.synthetic,
+        "representation": expert.probex_config.representation,
         "n_train": len(train), "n_val": len(val), "n_test": 0 if test is None else len(test),
         "n_holdout": 0 if heldout is None else len(heldout),
         "n_classes": len(train.classes),  # the expert's label vocabulary (training classes)
@@ -126,6 +163,9 @@ def evaluate_tree(splits: TreeSplits | None, encoder, tcfg: TrainConfig | None =
     # The experts' device and threads; no time limit: Dense is not cut short to flatter ProbeX.
     tcfg = tcfg or replace(default_train_config(train.is_lora, device), time_limit_s=None)
     r_T = expert.probex_config.r_T
+    # the rows as the expert reads them (changes from its root, for a delta expert): a fair comparison
+    seen = splits.as_expert_reads()
+    train, val, test, heldout = seen.train, seen.val, seen.test, seen.heldout
     for name, trainer in (("dense", train_dense), ("statnn", train_statnn)):
         def train_one(tr, va, tc, trainer=trainer):
             return trainer(tr, va, tc, head=head, text_emb=text_emb, r_T=r_T)

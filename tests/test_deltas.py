@@ -413,3 +413,88 @@ def test_mixed_tree_end_to_end(mixed_home, tiny_lake):
         [rows[r] for r in ids], tree=L3_ROOT, layer=layer))), dim=-1)
     dense = [i for i, r in enumerate(ids) if not rows[r].is_lora]
     assert not torch.allclose(got[dense], raw[dense], atol=1e-2)
+
+
+def _dense_rows(ds: LayerDataset) -> dict[str, torch.Tensor]:
+    """repo id -> its dense matrix in `ds` (LoRA rows left out)."""
+    lora = ds.lora.tolist() if ds.lora is not None else [ds.is_lora] * len(ds)
+    ids = [r for r, is_lora in zip(ds.repo_ids, lora) if not is_lora]
+    return dict(zip(ids, ds.X)) if ids else {}
+
+
+def test_the_baselines_read_a_mixed_trees_rows_as_changes_from_the_experts_root(mixed_home, monkeypatch):
+    """Dense and StatNN train and are scored on the rows the delta expert reads (dense X - W_root
+    against the root it was trained on; LoRA rows as they are), not raw matrices beside LoRA deltas;
+    the expert itself is still given the rows as extracted (it subtracts its own root)."""
+    import tasks.evaluate as ev
+    from tasks.pipeline import catalog_for, text_encoder
+    from tasks.train import load_layer, tree_root
+
+    s, _ = mixed_home
+    catalog = catalog_for(s)
+    gt = ev.load_ground_truth(s.lake)
+    splits = ev.tree_splits(catalog, s.shards, str(s.experts), L3_ROOT, gt)
+    layer = splits.expert.config["layer"]
+    rows, root_row = load_layer(s.shards, L3_ROOT, layer, catalog.tree_children(L3_ROOT), tree_root(catalog, L3_ROOT))
+    root = torch.as_tensor(root_row.X)
+    assert torch.equal(splits.expert.model.input_root, root)
+    raw = {r: torch.as_tensor(row.X) for r, row in rows.items() if not row.is_lora}
+    assert _dense_rows(splits.train) and all(torch.equal(x, raw[r]) for r, x in _dense_rows(splits.train).items())
+
+    seen = []
+
+    def spy(trainer):
+        def run(tr, va, tcfg, **kw):
+            seen.append((trainer.__name__, tr, va))
+            return trainer(tr, va, tcfg, **kw)
+        return run
+
+    scored = []
+    real_scores = ev._scores
+    monkeypatch.setattr(ev, "_scores", lambda model, head, test, *a: scored.append((model, test)) or real_scores(model, head, test, *a))
+    monkeypatch.setattr(ev, "train_dense", spy(ev.train_dense))
+    monkeypatch.setattr(ev, "train_statnn", spy(ev.train_statnn))
+    report = ev.evaluate_tree(splits, text_encoder(s), tcfg=fast(max_epochs=3), device="cpu")
+    assert report["representation"] == "delta" and report["synthetic"] is False
+    assert "accuracy" in report["dense"] and "accuracy" in report["statnn"]
+    assert {name for name, _, _ in seen} == {"train_dense", "train_statnn"}
+    tests = [t for m, t in scored if m is not splits.expert.model and t is not None]
+    assert tests and splits.test is not None
+    checked = 0
+    for ds in [d for _, tr, va in seen for d in (tr, va) if d is not None] + tests:
+        assert ds.root is None
+        for r, x in _dense_rows(ds).items():
+            assert torch.allclose(x, raw[r] - root, atol=1e-6) and not torch.allclose(x, raw[r])
+            checked += 1
+    assert checked
+    # the expert's own scores are on the rows as extracted
+    assert [t for m, t in scored if m is splits.expert.model] == [splits.test]
+
+
+def test_a_trees_report_says_whether_its_ground_truth_is_synthetic(mixed_home):
+    import tasks.evaluate as ev
+    from tasks.pipeline import catalog_for, text_encoder
+
+    s, _ = mixed_home
+    catalog = catalog_for(s)
+    gt = ev.load_ground_truth(s.lake)
+    split = lambda truth: ev.tree_splits(catalog, s.shards, str(s.experts), L3_ROOT, truth)  # noqa: E731
+    assert split(gt).synthetic is False
+    assert split({k: {**v, "synthetic": k != L3_ROOT} for k, v in gt.items()}).synthetic is True
+    older = {k: {c: x for c, x in v.items() if c != "synthetic"} for k, v in gt.items()}  # before the column
+    assert split(older).synthetic is False
+    assert ev.evaluate_tree(split({k: {**v, "synthetic": True} for k, v in gt.items()}), text_encoder(s),
+                            baselines=False)["synthetic"] is True
+
+
+def test_a_raw_expert_s_baselines_read_the_rows_as_they_are():
+    from types import SimpleNamespace
+
+    from tasks.evaluate import expert_view
+
+    tr, va = tree_split(12, 1), tree_split(6, 2)
+    raw = train_expert(tr, va, config_for(tr, **SMALL), fast(representation="raw", max_epochs=2))
+    assert expert_view(tr, SimpleNamespace(probex_config=raw.config, model=raw.model)) is tr
+    delta = train_expert(tr, va, config_for(tr, **SMALL), fast(representation="delta", max_epochs=2))
+    seen = expert_view(dataclasses.replace(tr, root=None), SimpleNamespace(probex_config=delta.config, model=delta.model))
+    assert seen.root is None and torch.allclose(seen.batch().dense(), reference_rows(tr), atol=1e-5)
