@@ -309,13 +309,16 @@ def render_eval(doc: dict) -> None:
         if "skipped" in r:
             rows.append([t, None, None, r["skipped"]] + [None] * 7)
             continue
+        name = f"{t} (synthetic)" if r.get("synthetic") else t
         for method in ("probex", "probex_head_only", "dense", "statnn"):
             m = r.get(method)
             if m is None:
                 continue
-            rows.append([t, r["task"], r["layer"], method, m.get("accuracy"), m.get("map"), m.get("top1"),
+            rows.append([name, r["task"], r["layer"], method, m.get("accuracy"), m.get("map"), m.get("top1"),
                          m.get("zeroshot_top1"), m.get("zeroshot_top5"), m.get("params"), m.get("train_seconds")])
     out.print(table("evaluation (test split; zero-shot on held-out classes)", cols, rows))
+    if any(r.get("synthetic") for r in doc["trees"].values()):
+        out.print("(synthetic): generated weights at real Hub layouts, to exercise formats; no accuracy is claimed")
 
 
 @app.command()

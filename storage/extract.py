@@ -70,10 +70,6 @@ class ExtractJob:
     # (two requests a model on an object store). A re-run job rewrites its own shard names.
     planned_missing: bool = False
 
-    @property
-    def is_adapter(self) -> bool:
-        return weight_files(self.files).is_adapter
-
 
 @dataclass
 class ExtractResult:

@@ -19,7 +19,8 @@ def build_lake_task(home: str | None, size: str, seed: int, out: str | None = No
 
 
 def example_queries(gt_path, per_tree: int = EXAMPLES_PER_TREE) -> list[tuple[str, str, str]]:
-    """(query, tree, why) pairs: held-out classes first (zero-shot), then training classes."""
+    """(query, tree, why) pairs: held-out classes first (zero-shot), then training classes; none from
+    the synthetic trees (generated weights: they claim no accuracy)."""
     import pyarrow.parquet as pq
 
     rows = sorted(pq.read_table(gt_path).to_pylist(), key=lambda r: r["repo_id"])
@@ -27,7 +28,7 @@ def example_queries(gt_path, per_tree: int = EXAMPLES_PER_TREE) -> list[tuple[st
     for split, why in (("holdout", "held-out class (zero-shot)"), ("test", "training class")):
         per: dict[str, int] = {}
         for r in rows:
-            if r["split"] != split or not r["root"] or r["corrupt"]:
+            if r["split"] != split or not r["root"] or r["corrupt"] or r.get("synthetic"):
                 continue
             if split == "holdout" and len(r["classes"]) != 1:
                 continue

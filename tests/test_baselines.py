@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from probex_core.baselines import (STAT_NAMES, DenseConfig, DenseExpert, cross_tree_experiment,
                                    dense_param_count, train_dense, train_statnn, weight_statistics)

@@ -75,7 +75,7 @@ def test_classify_and_similar(home, labels, tiny_home):
 def test_trees_lists_counts(home):
     r = run("trees", "--json", home=home)
     doc = json.loads(r.stdout)
-    assert len(doc["trees"]) == 3 and all(t["n_models"] > 0 and t["expert_version"] for t in doc["trees"])
+    assert len(doc["trees"]) == 5 and all(t["n_models"] > 0 and t["expert_version"] for t in doc["trees"])
 
 
 def test_user_mistakes_are_one_line(home, labels, tmp_path):

@@ -23,8 +23,14 @@ ROOTS = {IMAGE_ROOT, L3_ROOT, L6_ROOT}
 
 
 @pytest.fixture(scope="module")
-def truth(tiny_lake):
+def all_truth(tiny_lake):
     return {row["repo_id"]: row for row in pq.read_table(tiny_lake / GROUND_TRUTH).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def truth(all_truth):
+    """The trained trees' repos (the family trees', synthetic, are checked on their own)."""
+    return {k: r for k, r in all_truth.items() if not r["synthetic"]}
 
 
 def weights_file(folder):
@@ -39,11 +45,11 @@ def header_ok(path) -> bool:
     return all(v["data_offsets"][1] <= len(raw) - 8 - n for k, v in header.items() if k != "__metadata__")
 
 
-def test_layout_and_manifest(tiny_lake, truth):
+def test_layout_and_manifest(tiny_lake, all_truth, truth):
     manifest = json.loads((tiny_lake / MANIFEST).read_text())
-    assert manifest["finished"] and manifest["size"] == "tiny" and manifest["n_models"] == len(truth)
+    assert manifest["finished"] and manifest["size"] == "tiny" and manifest["n_models"] == len(all_truth)
     repos = {f"{p.parent.name}/{p.name}" for p in tiny_lake.glob("*/*") if p.is_dir()}
-    assert repos == set(truth)  # nothing half-written, nothing missing
+    assert repos == set(all_truth)  # nothing half-written, nothing missing
     for repo_id in truth:
         files = {p.name for p in (tiny_lake / repo_id).iterdir()}
         assert files in ({"README.md", "config.json", "model.safetensors"},
@@ -54,7 +60,8 @@ def test_layout_and_manifest(tiny_lake, truth):
 def test_ground_truth(truth):
     rows = list(truth.values())
     assert {"repo_id", "root", "parent", "classes", "split", "documented", "lineage_declared", "corrupt",
-            "accuracy"} <= set(rows[0])
+            "accuracy", "synthetic", "format"} <= set(rows[0])
+    assert {r["format"] for r in rows} == {"safetensors", "peft_lora"}
     children = [r for r in rows if r["root"] and r["repo_id"] not in ROOTS]
     assert len(children) >= 20
     for r in children:
@@ -76,6 +83,23 @@ def test_ground_truth(truth):
     assert sorted(r["corruption"] for r in rows if r["corrupt"]) == ["bad_header", "nan", "truncated"]
     outsiders = [r for r in rows if r["root"] is None]
     assert outsiders and not any(r["lineage_declared"] for r in outsiders)
+
+
+def test_the_family_trees_are_in_the_lake_marked_synthetic(tiny_lake, all_truth):
+    """The two trees at real Hub layouts (zoo/families.py) are part of every lake the demo and the
+    tests use, each repo written whole and named in the ground truth with its format."""
+    from zoo.families import LLAMA_ROOT, SD_ROOT, ground_truth
+
+    plan = make_plan("tiny")
+    synthetic = {k: r for k, r in all_truth.items() if r["synthetic"]}
+    assert synthetic == {r["repo_id"]: r for r in ground_truth(plan.families).to_pylist()}
+    assert {r["root"] for r in synthetic.values()} == {LLAMA_ROOT, SD_ROOT}
+    assert {"sharded_bf16", "fp8_channel", "peft_lora_bare", "pickle_only", "diffusers_lora", "kohya_lora"} <= {
+        r["format"] for r in synthetic.values()}
+    assert all(r["accuracy"] is None for r in synthetic.values())
+    assert (tiny_lake / LLAMA_ROOT / "model.safetensors.index.json").exists()
+    assert (tiny_lake / SD_ROOT / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not make_plan("hard").families  # the benchmark's lake is about accuracy only
 
 
 def test_cards_parse_with_the_hub_parser(tiny_lake, truth):
@@ -136,6 +160,7 @@ def test_resume_is_a_fast_no_op(tiny_lake):
     assert pq.read_table(tiny_lake / GROUND_TRUTH).equals(table)
     assert summary.n_models == table.num_rows and summary.bytes_on_disk > 0
     trees = {t.root: t for t in summary.trees}
+    assert {t.kind for t in summary.trees} == {"full", "LoRA", "mixed"}  # the family trees' too
     assert trees[L6_ROOT].n_holdout_classes == SIZES["tiny"].l6_holdout_classes and trees[IMAGE_ROOT].kind == "full"
     assert summary.to_dict()["trees"][0]["mean_accuracy"] is not None
 

@@ -88,10 +88,12 @@ class SizeSpec:
     # training texts per class of an L3 (multi-label) child, when fewer than n_train: its cost is
     # linear in its classes x texts, and a 50-class child is the hard lake's dearest
     l3_n_train: int | None = None
+    # the two trees at real Hub layouts (zoo/families.py): synthetic weights, written in seconds
+    families: bool = False
 
     def __post_init__(self):
         counts = {f.name: getattr(self, f.name) for f in fields(self)}
-        if any(n < 0 for n in counts.values() if n is not None):
+        if any(n < 0 for n in counts.values() if n is not None and not isinstance(n, bool)):
             raise ZooError(f"a lake size needs non-negative counts, got {counts}")
         if self.l3 + self.l3_extra and self.l3_pool < 4:
             raise ZooError(f"an L3 pool of {self.l3_pool} classes is too small: each child takes half, two at least")
@@ -118,15 +120,16 @@ class SizeSpec:
 # Sized by measured per-child cost (one thread per worker, two workers; see the benchmark report).
 SIZES = {
     # tiny: every tree still trains an expert in tests (three children per L6 training class).
-    "tiny": SizeSpec(image=8, l3=8, l3_pool=10, l6_classes=4, l6_holdout_classes=2, l6=12, l6_holdout=2),
+    "tiny": SizeSpec(image=8, l3=8, l3_pool=10, l6_classes=4, l6_holdout_classes=2, l6=12, l6_holdout=2,
+                     families=True),
     # small: 60 more L3 children than first planned: with 60 the L3 tree had 8 test models (80
     # entries), too few to tell experts apart (ProbeX 0.938-0.988 over seeds vs Dense 0.950).
     "small": SizeSpec(image=95, l3=60, l3_pool=10, l6_classes=40, l6_holdout_classes=20, l6=120, l6_holdout=30,
-                      l3_extra=60),
+                      l3_extra=60, families=True),
     # full: the seed-0 build left out one L6 child that no seed taught its task (1,499 of 1,500);
     # four spares keep the floor of 1,500 fine-tuned models with room for a few such children.
     "full": SizeSpec(image=450, l3=300, l3_pool=20, l6_classes=150, l6_holdout_classes=75, l6=600, l6_holdout=150,
-                     l6_spare=4),
+                     l6_spare=4, families=True),
     # hard (issue 20; built by the benchmark only): a 50-of-100 multi-label L3 tree of 600
     # children (the paper's protocol); the SD_1k regime on L6, 500 classes of 4 children each, a
     # fifth held out; L3D detectors on 200 of those classes, a fifth held out. 20 texts a class
@@ -200,6 +203,12 @@ class Plan:
     lora_init_seed: dict[str, int] = field(default_factory=dict)  # per LoRA tree root
     l3d_classes: list[str] = field(default_factory=list)
     l3d_holdout: list[str] = field(default_factory=list)
+    families: list = field(default_factory=list)  # zoo.families.FamilyPlan, one per family tree
+
+    @property
+    def n_repos(self) -> int:
+        """Every repo the lake will hold: the trained trees' and the family trees'."""
+        return len(self.models) + sum(1 + len(f.children) for f in self.families)
 
 
 @dataclass
@@ -338,7 +347,12 @@ def make_plan(size: str, seed: int = 0, mess: Mess = Mess()) -> Plan:
         for c in [c for c in classes if c not in documented]:
             models.append(_planned_child(doc_rng, doc_name(root, True), kind, root, (c,), False, True,
                                          parent=root, corruption=None, test_share=0.0))
-    return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed, l3d_classes, l3d_holdout)
+    families = []
+    if spec.families:
+        from zoo import families as fam  # it builds on this module's names
+        families = [fam.make_plan("llama", seed), fam.make_plan("sd", seed)]
+    return Plan(size, seed, mess, models, l3_pool, l6_classes, l6_holdout, lora_init_seed, l3d_classes, l3d_holdout,
+                families)
 
 
 def check_tree_classes(tree: str, training: list[str], holdout: list[str]) -> None:
@@ -504,7 +518,7 @@ def _prepare_out(out: Path, plan: Plan) -> None:
 def _manifest(plan: Plan, trees: list[TreeSummary] | None) -> dict:
     return {"format": 1, "size": plan.size, "seed": plan.seed, "mess": asdict(plan.mess),
             "finished": trees is not None, "trees": [asdict(t) for t in trees or []],
-            "n_models": len(plan.models), "n_planned": len(plan.models)}
+            "n_models": plan.n_repos, "n_planned": plan.n_repos}
 
 
 def _write_json(path: Path, doc: dict) -> None:
@@ -513,7 +527,15 @@ def _write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None]) -> pa.Table:
+def _format(m: PlannedModel) -> str:
+    """How a trained tree's repo stores its weights (the family trees name their own)."""
+    return "peft_lora" if m.kind in ("l3", "l6", "l3d") else "safetensors"
+
+
+def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None],
+                  formats: list[str] | None = None, synthetic: bool = False) -> pa.Table:
+    """One row per repo; `synthetic` marks trees whose weights were generated, not trained (they
+    exercise formats and shapes and claim no accuracy)."""
     return pa.table({
         "repo_id": [m.repo_id for m in models],
         "root": [m.root for m in models],
@@ -525,6 +547,8 @@ def _ground_truth(models: list[PlannedModel], accuracy: dict[str, float | None])
         "corrupt": [m.corruption is not None for m in models],
         "corruption": pa.array([m.corruption for m in models], pa.string()),
         "accuracy": pa.array([accuracy[m.repo_id] for m in models], pa.float64()),
+        "synthetic": pa.array([synthetic] * len(models), pa.bool_()),
+        "format": pa.array(formats or [_format(m) for m in models], pa.string()),
     })
 
 
@@ -684,19 +708,27 @@ def build_lake(out: Path, size: str, seed: int = 0, progress: bool = True, mess:
     # a child that no seed could teach its task has no folder and is left out
     written = [m for m in plan.models if hub_repo.repo_dir(out, m.repo_id).exists()]
 
+    truth = _ground_truth(written, accuracy)
     trees = _summaries(plan, written, accuracy)
+    if plan.families:
+        from zoo import families
+
+        for family in plan.families:  # repos already written are kept, as above
+            families.write_tree(out, family)
+        truth = pa.concat_tables([truth, families.ground_truth(plan.families)])
+        trees += families.summaries(plan.families)
     gt_tmp = out / (GROUND_TRUTH + ".tmp")
-    pq.write_table(_ground_truth(written, accuracy), gt_tmp)
+    pq.write_table(truth, gt_tmp)
     os.replace(gt_tmp, out / GROUND_TRUTH)
     seconds = round(time.perf_counter() - started, 2)
     doc = _manifest(plan, trees)
     # how long the run that finished the lake took, and whether it resumed an earlier one
-    doc.update(n_models=len(written), seconds=seconds, resumed=len(todo) < len(accuracy))
+    doc.update(n_models=truth.num_rows, seconds=seconds, resumed=len(todo) < len(accuracy))
     if limit is not None:
         doc.update(finished=was_finished, limit=limit, built_now=len(todo))
     _write_json(out / MANIFEST, doc)
-    return LakeSummary(str(out), size, seed, trees, len(written),
-                       sum(1 for m in written if m.kind not in ("base", "outsider")), seconds, folder_bytes(out))
+    return LakeSummary(str(out), size, seed, trees, truth.num_rows, sum(t.n_models for t in trees), seconds,
+                       folder_bytes(out))
 
 
 def lake_is_complete(out: Path) -> bool:
@@ -713,7 +745,7 @@ def lake_is_complete(out: Path) -> bool:
         plan = make_plan(got["size"], got["seed"], Mess(**got["mess"]))
     except (KeyError, TypeError, ZooError):
         return False
-    return got.get("n_planned") == len(plan.models)
+    return got.get("n_planned") == plan.n_repos
 
 
 def folder_bytes(folder: Path) -> int:

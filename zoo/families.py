@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from probex_core.splits import is_val
 from zoo import hub_repo
-from zoo.build import GROUND_TRUTH, ORGS, WORDS, PlannedModel, _ground_truth
+from zoo.build import GROUND_TRUTH, ORGS, WORDS, PlannedModel, TreeSummary, _ground_truth
 from zoo.hub_repo import RepoSpec
 
 LLAMA_ROOT = "probex-synthetic/qwen2.5-0.5b-2layers"
@@ -586,7 +586,7 @@ def write_tree(lake: Path, plan: FamilyPlan) -> None:
 
 
 def ground_truth(plans: list[FamilyPlan]) -> pa.Table:
-    """The lake's ground-truth columns (zoo.build), plus `synthetic` and `format` for these trees."""
+    """The lake's ground-truth rows (zoo.build) of these trees, marked `synthetic`, with their `format`."""
     models, formats = [], []
     for plan in plans:
         models.append(PlannedModel(plan.root, kind="base", root=plan.root, parent=None))
@@ -596,9 +596,13 @@ def ground_truth(plans: list[FamilyPlan]) -> pa.Table:
                                        split=c.split, documented=c.documented, seed=c.seed, rank=c.rank,
                                        alpha=int(c.alpha)))
             formats.append(c.format)
-    table = _ground_truth(models, dict.fromkeys((m.repo_id for m in models), None))
-    return table.append_column("synthetic", pa.array([True] * len(models))).append_column(
-        "format", pa.array(formats, pa.string()))
+    return _ground_truth(models, dict.fromkeys((m.repo_id for m in models), None), formats, synthetic=True)
+
+
+def summaries(plans: list[FamilyPlan]) -> list[TreeSummary]:
+    """The lake summary's rows of these trees: no accuracy (their children were never trained)."""
+    return [TreeSummary(p.root, "mixed" if any(not c.is_lora for c in p.children) else "LoRA", "multilabel",
+                        len(p.children), None, None, len(p.classes), 0) for p in plans]
 
 
 def build_families(out: Path, seed: int = 0) -> list[FamilyPlan]:
