@@ -100,7 +100,26 @@ def bench_lake(sizes: list[str], reuse: bool = False) -> None:
         doc[size] = {"seconds": summary["seconds"], "bytes_on_disk": summary["bytes_on_disk"],
                      "n_models": summary["n_models"], "n_finetuned": summary.get("n_finetuned"),
                      "trees": summary["trees"], "measured": machine()["date"]}
+    doc["families"] = _families_build()
     save("lake", doc)
+
+
+def _families_build() -> dict:
+    """The two synthetic trees at real Hub layouts (zoo/families.py) that tiny, small and full add
+    after their trained trees: their own build cost, into an empty folder."""
+    from zoo.build import folder_bytes
+    from zoo.families import build_families
+
+    out = BENCH / "families"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    plans = build_families(out, seed=0)
+    seconds = time.perf_counter() - t0
+    doc = {"seconds": round(seconds, 2), "bytes_on_disk": folder_bytes(out), "measured": machine()["date"],
+           "trees": [{"root": p.root, "repos": 1 + len(p.children),
+                      "formats": sorted({c.format for c in p.children})} for p in plans]}
+    shutil.rmtree(out, ignore_errors=True)
+    return doc
 
 
 def bench_crawl() -> None:

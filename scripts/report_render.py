@@ -52,6 +52,14 @@ def lake(doc: dict) -> list[str]:
                          t.get("n_classes"), t.get("n_holdout_classes")])
     lines += _table(["size", "tree", "fine-tune", "task", "children", "mean acc", "min acc", "classes",
                      "held-out classes"], rows)
+    fam = doc.get("families")
+    if fam:
+        lines += ["", f"The two synthetic trees at real Hub layouts (issue 17; in tiny, small and full, after the trained "
+                  f"trees; no accuracy: their children are generated, not trained), built alone into an empty folder "
+                  f"({fam['measured']}): {fam['seconds']} s, {fam['bytes_on_disk'] / 2**20:.1f} MiB. A size's row above "
+                  f"measured before they were added (2026-12-03) was built without them.", ""]
+        lines += _table(["tree", "repos", "child formats"],
+                        [[t["root"], t["repos"], ", ".join(t["formats"])] for t in fam["trees"]])
     return lines
 
 
