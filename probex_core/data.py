@@ -410,17 +410,18 @@ class LayerDataset:
         out._set_labels(labels, MULTILABEL, vocab)
         return out
 
-    def deltas(self) -> "LayerDataset":
-        """The rows as changes from the tree's root, as an expert of representation "delta" reads
-        them: dense rows X - W_root, LoRA rows as they are (s B A already is the change). The copy
-        has no root of its own (its rows already are relative to it)."""
-        if self.root is None:
+    def deltas(self, root: torch.Tensor | None = None) -> "LayerDataset":
+        """The rows as changes from the tree's root (`root`, else the dataset's own), as an expert
+        of representation "delta" reads them: dense rows X - W_root, LoRA rows as they are (s B A
+        already is the change). The copy has no root of its own (its rows already are relative to it)."""
+        root = self.root if root is None else root
+        if root is None:
             raise ExpertError("the root's layer is needed to read rows as changes from it",
                               tree=self.tree, layer=self.layer)
         out = self.subset(torch.arange(len(self)))
         out.root = None
         if out.X is not None:
-            out.X = out.X - self.root  # (n_X, d_H, d_W) - (d_H, d_W)
+            out.X = out.X - root  # (n_X, d_H, d_W) - (d_H, d_W)
         return out
 
     # -- statistics used for input normalisation ----------------------------------------------

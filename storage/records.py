@@ -7,8 +7,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from storage.adapters import looks_like_adapter  # the rule extraction applies to the same header
-
 
 @dataclass(frozen=True)
 class RepoFile:
@@ -60,7 +58,7 @@ class WeightFiles:
 
     kind: "full" (one safetensors file), "sharded" (`filename` is the shard index), "peft" (PEFT
     adapter), "lora" (a diffusers or kohya LoRA file), "single" (one safetensors file of another
-    name: a LoRA or a whole checkpoint, told apart by its header: `single_kind`), or "none"
+    name: a LoRA or a whole checkpoint, told apart by its header, which the crawl reads), or "none"
     (nothing readable).
     """
 
@@ -91,12 +89,6 @@ def weight_files(files: Iterable[str]) -> WeightFiles:
     if len(top) == 1:
         return WeightFiles("single", top[0])
     return WeightFiles("none")
-
-
-def single_kind(tensor_names: Iterable[str]) -> str:
-    """What a "single" file is, from its header's tensor names: "lora" (a LoRA of any format:
-    kohya `lora_unet_...`, diffusers, PEFT keys) or "full" (a whole checkpoint)."""
-    return "lora" if looks_like_adapter(tensor_names) else "full"
 
 
 def no_safetensors_reason(files: Iterable[str]) -> str | None:

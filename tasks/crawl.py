@@ -32,9 +32,10 @@ from datetime import datetime
 from probex_core.lineage import RELATION_INFERRED, infer_relation, place, repo_key
 from probex_core.routing import Fingerprint, TreeSignature, fingerprint_names, route
 from storage.catalog import MODELS, TREES, Catalog, sql_in
+from storage.adapters import looks_like_adapter
 from storage.extract import adapter_layer_shapes, header_shapes
 from storage.http import HubRequests, counting
-from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files, single_kind, weight_files
+from storage.records import ModelRecord, is_adapter, no_safetensors_reason, repo_files, weight_files
 from storage.safetensors_reader import TensorReadError, read_repo_tensors
 from storage.sources import Source, SourceError
 from storage.sources.parse import ADAPTER_CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES, Status, adapter_config_base
@@ -100,7 +101,7 @@ def make_row(source: Source, rec: ModelRecord) -> dict:
     if readable and row["weights_kind"] == "single":
         shapes = _header(source, row, "weights")
         if shapes is not None:
-            row["weights_kind"] = single_kind(shapes)
+            row["weights_kind"] = "lora" if looks_like_adapter(shapes) else "full"  # extraction's rule
     if readable and is_adapter(row) and rec.status == "ok":
         row["adapter_modules"] = _adapter_signature(source, row, shapes)
     if readable and not row["parents"] and (base := _adapter_config_base(source, row)):

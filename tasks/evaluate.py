@@ -105,9 +105,7 @@ def expert_view(ds: LayerDataset | None, expert) -> LayerDataset | None:
     if root is None:
         raise ProbexError(f"the delta expert of tree {ds.tree} carries no root matrix to read rows against")
     ref = ds.X if ds.X is not None else ds.A
-    with_root = ds.subset(torch.arange(len(ds)))
-    with_root.root = root.detach().to(device=ref.device, dtype=ref.dtype)
-    return with_root.deltas()
+    return ds.deltas(root.detach().to(device=ref.device, dtype=ref.dtype))
 
 
 def is_synthetic(gt: dict, repo_ids) -> bool:

@@ -19,7 +19,6 @@ import pytest
 
 from probex_core.settings import Settings, apply_runtime_env
 from storage.catalog import EMBEDDINGS, MODELS, Catalog
-from storage.records import is_adapter
 from test_flows import _keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +236,7 @@ def test_ingest_and_train_on_a_process_cluster_survive_a_killed_worker(tiny_lake
     from flows.ingest import ingest
     from flows.train import train_experts
     from storage.shards import layers_of, read_layer
+    from tasks.extract import needs_root
 
     home = tmp_path / "home"
     shutil.copytree(tiny_lake, home / "lake")
@@ -278,9 +278,11 @@ def test_ingest_and_train_on_a_process_cluster_survive_a_killed_worker(tiny_lake
     children = {(r["repo_id"], r["sha"]): r["tree_id"] for r in models
                 if r["status"] == "ok" and r["tree_id"] and r["repo_id"] != r["tree_id"]}
     # a tree whose children mix full fine-tunes and adapters has its root's layer read too (deltas)
-    roots = {(r["repo_id"], r["sha"]): r["repo_id"] for r in models if r["repo_id"] in set(children.values())
-             and len({is_adapter(c) for c in models if c["tree_id"] == r["repo_id"] and c is not r
-                      and c["status"] == "ok"}) == 2}
+    members: dict[str, list[dict]] = {}
+    for r in models:
+        if (r["repo_id"], r["sha"]) in children:
+            members.setdefault(r["tree_id"], []).append(r)
+    roots = {(r["repo_id"], r["sha"]): r["repo_id"] for r in models if needs_root(members.get(r["repo_id"], []))}
     assert roots and len(children) + len(roots) == extract["extracted"] + extract["skipped"] > 0, (
         len(children), sorted(roots.values()), {k: extract[k] for k in ("models", "extracted", "skipped")})
     for tree in set(children.values()):

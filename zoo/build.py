@@ -93,7 +93,7 @@ class SizeSpec:
 
     def __post_init__(self):
         counts = {f.name: getattr(self, f.name) for f in fields(self)}
-        if any(n < 0 for n in counts.values() if n is not None and not isinstance(n, bool)):
+        if any(n < 0 for n in counts.values() if n is not None):
             raise ZooError(f"a lake size needs non-negative counts, got {counts}")
         if self.l3 + self.l3_extra and self.l3_pool < 4:
             raise ZooError(f"an L3 pool of {self.l3_pool} classes is too small: each child takes half, two at least")
