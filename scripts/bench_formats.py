@@ -390,12 +390,16 @@ def _llama_tensors(layer: int) -> dict[str, list[int]]:
     return shapes
 
 
-def _sparse_shard(path: Path, shapes: dict[str, list[int]], data: dict[str, bytes]) -> dict:
-    """A BF16 safetensors shard of the full size whose bytes are holes except `data`'s tensors."""
+DTYPE_BYTES = {"F32": 4, "BF16": 2}
+
+
+def sparse_safetensors(path: Path, shapes: dict[str, list[int]], data: dict[str, bytes], dtype: str = "BF16") -> dict:
+    """A safetensors file of `dtype` tensors at their full size whose bytes are holes except
+    `data`'s tensors: a checkpoint of many GB that takes only those bytes on disk."""
     header, offset = {}, 0
     for name, shape in shapes.items():
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+        n = DTYPE_BYTES[dtype] * int(np.prod(shape))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
@@ -420,7 +424,7 @@ def sharded_checkpoint(folder: Path) -> tuple[dict, np.ndarray]:
         for layer in range(s * LAYERS_PER_SHARD, (s + 1) * LAYERS_PER_SHARD):
             shapes.update(_llama_tensors(layer))
         data = {TARGET: target.tobytes()} if TARGET in shapes else {}
-        shards[fname] = _sparse_shard(folder / fname, shapes, data) | {"tensors": len(shapes)}
+        shards[fname] = sparse_safetensors(folder / fname, shapes, data) | {"tensors": len(shapes)}
         weight_map.update(dict.fromkeys(shapes, fname))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))

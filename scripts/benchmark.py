@@ -256,24 +256,16 @@ def _extract_http(s) -> dict:
 def _sparse_checkpoint(folder: Path, shape: tuple[int, int], dtype: str, file_gib: float) -> dict:
     """A safetensors file of `file_gib` GiB that is a hole except one real `shape` tensor of
     `dtype` (F32 or BF16) at its end: `layer.weight`, after a filler tensor that is never read."""
-    import struct
-
     import ml_dtypes
     import numpy as np
+    from bench_formats import DTYPE_BYTES, sparse_safetensors
 
-    np_dtype, size = {"F32": (np.float32, 4), "BF16": (ml_dtypes.bfloat16, 2)}[dtype]
+    np_dtype = {"F32": np.float32, "BF16": ml_dtypes.bfloat16}[dtype]
     values = np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(np_dtype)
-    big = int(file_gib * 2**30) // size * size
-    hdr = {"filler": {"dtype": dtype, "shape": [big // size], "data_offsets": [0, big]},
-           "layer.weight": {"dtype": dtype, "shape": list(shape), "data_offsets": [big, big + values.nbytes]}}
-    h = json.dumps(hdr).encode()
-    h += b" " * (-len(h) % 8)
+    filler = int(file_gib * 2**30) // DTYPE_BYTES[dtype]
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        f.seek(8 + len(h) + big)
-        f.write(values.tobytes())
+    sparse_safetensors(folder / "model.safetensors", {"filler": [filler], "layer.weight": list(shape)},
+                       {"layer.weight": values.tobytes()}, dtype)
     return {"file_bytes": (folder / "model.safetensors").stat().st_size, "tensor_bytes": values.nbytes,
             "float32_bytes": values.size * 4, "shape": list(shape), "dtype": dtype}
 
