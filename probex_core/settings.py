@@ -270,6 +270,9 @@ def apply_runtime_env(settings: Settings) -> None:
         # The first start of a local API migrates a fresh SQLite database: slow on 2 busy cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning",
+        # Lance's vector index statistics (read by maintenance) would carry every centroid and
+        # warn on each read that this default is changing.
+        "LANCE_INCLUDE_VECTOR_CENTROIDS": "false",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

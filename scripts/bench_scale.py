@@ -81,7 +81,7 @@ def seed(home: Path, hub, size: int) -> dict:
     from probex_core.heads import MULTILABEL
     from probex_core.lineage import place
     from probex_core.probex import COMPACT, ProbeX, ProbeXConfig
-    from storage.catalog import MODELS, MODELS_SCHEMA, Catalog, row_hash, with_hash
+    from storage.catalog import MODEL_KEY, MODELS, MODELS_SCHEMA, ROW_KEY, Catalog, joined_key, row_hash, with_hash
     from storage.experts import save_expert
     from storage.sources import open_source
     from tasks.crawl import model_row, refresh_trees
@@ -105,6 +105,7 @@ def seed(home: Path, hub, size: int) -> dict:
         batch = pa.Table.from_pylist(rows, schema=MODELS_SCHEMA)
         hashes = [row_hash(r) for r in batch.to_pylist()]
         batch = batch.append_column("row_hash", pa.array(hashes, pa.string())).cast(schema)
+        batch = batch.append_column(ROW_KEY, joined_key(batch, MODEL_KEY))  # as upserts write them
         if table is None:
             table = cat.db.create_table(MODELS, batch)
         else:
@@ -144,7 +145,7 @@ def seed_embeddings(cat, sim, size: int, versions: dict, labels: dict, dim: int 
     import numpy as np
     import pyarrow as pa
 
-    from storage.catalog import EMBEDDINGS, with_hash
+    from storage.catalog import EMBEDDING_KEY, EMBEDDINGS, ROW_KEY, joined_key, with_hash
     from tasks.embed import embeddings_schema, ensure_indexes
 
     schema = with_hash(embeddings_schema(dim))
@@ -167,10 +168,12 @@ def seed_embeddings(cat, sim, size: int, versions: dict, labels: dict, dim: int 
             "probe_factor": pa.nulls(len(idx), pa.list_(pa.float32())),
             "row_hash": pa.nulls(len(idx), pa.string()),  # a merge treats a missing hash as changed
         }, schema=schema)
+        batch = batch.append_column(ROW_KEY, joined_key(batch, EMBEDDING_KEY))
         if table is None:
             table = cat.db.create_table(EMBEDDINGS, batch)
         else:
             table.add(batch)
+    cat.ensure_scalar_indexes(EMBEDDINGS)
     ensure_indexes(table)
 
 

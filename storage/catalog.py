@@ -46,7 +46,12 @@ SCALAR_INDEXES = {
     EMBEDDINGS: {ROW_KEY: "btree"},
     TREES: {"tree_id": "btree"},
 }
-MAX_INDEX_DELTAS = 8  # maintenance merges an index's deltas past this many
+# Maintenance rewrites what is new and leaves what has settled (LSM-like tiers), for files and
+# index deltas alike: a fragment or delta holding TIER times the rows of all newer ones together
+# stays as written. Rewriting settled data every night would cost what the catalog holds, and
+# every version a tag keeps would pin its own copy of it.
+TIER = 4
+DELETED_SHARE = 0.1  # a settled fragment with this share of its rows deleted is rewritten anyway
 LOOKUP_CHUNK = 500  # values per IN (...) filter (an upsert's stored hashes, a crawl's lookups)
 _ABSENT = object()
 
@@ -229,7 +234,7 @@ class Catalog:
             on = key[0]
             if len(key) > 1:
                 on = ROW_KEY
-                payload = payload.append_column(ROW_KEY, _joined_key(payload, key))
+                payload = payload.append_column(ROW_KEY, joined_key(payload, key))
             tbl = self._table_for_write(name, payload.schema)
             fresh_table = tbl.count_rows() == 0
             # Columns added to the contract after the table was made: add them before the write
@@ -280,21 +285,14 @@ class Catalog:
                 tbl.tags.delete(tag)
             self.ensure_scalar_indexes(name)
             before = tbl.version
-            tbl.optimize()  # compaction and index updates, each a new version
-            # Each update adds a delta index (an IVF_PQ delta carries its own codebook): merge them
-            # once there are MAX_INDEX_DELTAS, not every night, since a merge rewrites the whole
-            # index and every version a tag keeps would pin its own copy.
-            for index in tbl.list_indices():
-                stats = tbl.index_stats(index.name)
-                if stats is not None and stats.num_indices > MAX_INDEX_DELTAS:
-                    tbl.to_lance().optimize.optimize_indices(index_names=[index.name],
-                                                            num_indices_to_merge=stats.num_indices)
+            rewritten = optimize_table(tbl)
             # Tagged versions older than the cut stay (their tag pins them); the rest go.
             stats = tbl.to_lance().cleanup_old_versions(older_than=timedelta(days=keep_days),
                                                         error_if_tagged_old_versions=False)
-            report[name] = {"version_before": before, "version": tbl.version, "tags_dropped": len(dropped),
-                            "tags_kept": len(tags) - len(dropped), "versions_removed": stats.old_versions,
-                            "bytes_removed": stats.bytes_removed}
+            report[name] = {"version_before": before, "version": tbl.version,
+                            "tags_dropped": len(dropped), "tags_kept": len(tags) - len(dropped),
+                            "versions_removed": stats.old_versions, "bytes_removed": stats.bytes_removed,
+                            **rewritten}
         return report
 
     def _stored_hashes(self, name: str, key: list[str], records: list[dict]) -> dict[tuple, str | None]:
@@ -359,11 +357,50 @@ class Catalog:
         return self.table(name).version
 
 
-def _joined_key(table: pa.Table, key: list[str]) -> pa.Array:
+def settled(rows: list[int], tier: int = TIER) -> int:
+    """For pieces oldest first (fragments, index deltas) with these row counts: how many of the
+    oldest stay as written, each holding at least `tier` times the rows of all newer pieces
+    together. The rest merge into one (a contiguous run: LanceDB merges neighbours only)."""
+    newer = [0] * len(rows)
+    for i in range(len(rows) - 2, -1, -1):
+        newer[i] = newer[i + 1] + rows[i + 1]
+    return next((i for i, (n, after) in enumerate(zip(rows, newer)) if n <= 0 or n < tier * after), len(rows))
+
+
+def optimize_table(tbl) -> dict[str, int]:
+    """Compact a table's unsettled newest fragments and fold its unindexed rows into each index,
+    merging only its unsettled newest deltas (`settled`): cost follows the rows written since the
+    last time, not the table. Returns the fragments rewritten and the index deltas merged."""
+    ds = tbl.to_lance()
+    frags = ds.get_fragments()
+    live = [f.count_rows() for f in frags]
+    stay = settled(live)
+    # a settled fragment with many rows deleted is rewritten alone (its deletions dropped)
+    excluded = [f.fragment_id for f, n in zip(frags[:stay], live) if n >= (1 - DELETED_SHARE) * f.metadata.physical_rows]
+    merged = 0
+    for index in ds.describe_indices():
+        stats = ds.stats.index_stats(index.name)
+        deltas = stats.get("num_indexed_rows_per_delta") or []
+        unindexed = stats.get("num_unindexed_rows") or 0
+        merge = len(deltas) - min(len(deltas), settled(deltas + [unindexed]))
+        if merge or unindexed:  # the unsettled deltas and the unindexed rows become one delta
+            ds.optimize.optimize_indices(index_names=[index.name], num_indices_to_merge=merge)
+            merged += merge
+    metrics = ds.optimize.compact_files(excluded_fragment_ids=excluded)
+    tbl.checkout_latest()
+    return {"fragments_compacted": metrics.fragments_removed, "index_deltas_merged": merged}
+
+
+def joined_key(table: pa.Table, key: list[str]) -> pa.Array:
     """The key columns of each row joined into one string (ROW_KEY)."""
     import pyarrow.compute as pc
 
     return pc.binary_join_element_wise(*[pc.cast(table[c], pa.string()) for c in key], KEY_SEPARATOR)
+
+
+def key_string(values) -> str:
+    """One row's ROW_KEY from its key values, as `joined_key` joins them."""
+    return KEY_SEPARATOR.join(str(v) for v in values)
 
 
 def _joined_key_sql(key: list[str]) -> str:

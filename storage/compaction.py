@@ -48,7 +48,7 @@ from storage.shards import (
     part_seq,
 )
 
-MAX_PARTS = 8  # open parts per layer before they merge into one (the catalog's MAX_INDEX_DELTAS rule)
+MAX_PARTS = 8  # open parts per layer before they merge into one
 PART_BYTES = 256 * 2**20  # a part closes at this size; the compaction holds one part in memory
 ROW_GROUP_BYTES = 32 * 2**20  # a reader of a few models reads whole row groups: tens of MiB, not GiB
 READ_BATCH = 512  # small files read per dataset scan

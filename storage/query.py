@@ -81,13 +81,14 @@ class CatalogQuery:
         self._table = None
         self._class_texts: dict[tuple[str, str], np.ndarray] = {}  # (tree, version) -> (C, text_dim)
         self._lance = None  # the embeddings table's Lance dataset (vector search)
+        self._models = None  # the models table's Lance dataset (card fields)
         self._counts: dict[tuple[str, str], int] | None = None  # (tree, version) -> rows
 
     def refresh(self) -> None:
         """Forget what was loaded (experts, card fields, the table handle): see new catalog writes.
         A CatalogQuery is otherwise a snapshot taken at its first question, so repeated questions
         do not re-read experts and cards (tens of ms each)."""
-        self._trees, self._table, self._lance, self._counts = None, None, None, None
+        self._trees, self._table, self._lance, self._models, self._counts = None, None, None, None, None
         self._class_texts.clear()
 
     @classmethod
@@ -131,7 +132,7 @@ class CatalogQuery:
 
     def _cards(self, repo_ids: list[str]) -> pd.DataFrame:
         """Card fields of the answer's models only (a filtered, projected read)."""
-        parts = [self.catalog.read(MODELS, columns=["repo_id", *CARD_FIELDS], where=f"status != 'superseded' AND {ids}")
+        parts = [self.models.to_table(columns=["repo_id", *CARD_FIELDS], filter=f"status != 'superseded' AND {ids}")
                  for ids in sql_in("repo_id", sorted(set(repo_ids)))]
         if not parts:
             return pd.DataFrame(columns=["repo_id", *CARD_FIELDS])
@@ -163,32 +164,50 @@ class CatalogQuery:
                                 if self.catalog.tree(tree) is not None
                                 else f"no tree {tree} in the catalog; see `probex trees`")
         q = self._encode([text.strip()], None)  # (1, text_dim)
-        parts = []
+        plans = []  # (tree, its class texts (C, text_dim), where to look in the vector index)
         for t in trees.values():
             if tree is not None and t.tree_id != tree:
                 continue
-            parts.append(self._search_tree(t, q, where))
+            class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)
+            if not t.head.matches(q, class_text):
+                continue
+            qv = t.head.query_vector(t.expert.model, q)
+            if t.probe and self._count(t.tree_id, t.version) <= SCAN_ROWS:
+                qv = None
+            plans.append((t, class_text, qv))
+        whole = self._scan_trees([t for t, _, qv in plans if qv is None], where)
+        parts = []
+        for t, class_text, qv in plans:
+            found = whole[t.tree_id] if qv is None else \
+                self.nearest(qv, t.tree_id, t.version, CANDIDATES_PER_TREE, self._columns(t), where)
+            parts.append(self._scored(t, found, q, class_text))
         hits = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else \
             pd.DataFrame(columns=["repo_id", "sha", "tree_id", "score", "top_labels"])
         hits = hits.sort_values("score", ascending=False).head(k).reset_index(drop=True)
         return hits.merge(self._cards(hits["repo_id"].tolist()), on="repo_id", how="left")
 
-    def _search_tree(self, t: _Tree, q: torch.Tensor, where: str | None) -> pd.DataFrame:
-        """One tree's best rows for the query (1, text_dim), scored by its head."""
-        cols = ["repo_id", "sha", "top_labels"]
-        class_text = torch.as_tensor(self._class_text(t), dtype=torch.float32)  # (C, text_dim)
-        if not t.head.matches(q, class_text):
-            return pd.DataFrame(columns=cols + ["tree_id", "score"])
-        fetch = cols + t.head.query_columns(t.probe)
-        qv = t.head.query_vector(t.expert.model, q)
-        if qv is None or (t.probe and self._count(t.tree_id, t.version) <= SCAN_ROWS):
-            found = self.lance.to_table(columns=fetch, filter=_tree_filter(t.tree_id, t.version, where))
-        else:
-            found = self.nearest(qv, t.tree_id, t.version, CANDIDATES_PER_TREE, fetch, where)
+    _SHOWN = ["repo_id", "sha", "top_labels"]
+
+    def _columns(self, t: _Tree) -> list[str]:
+        """What search reads of a tree's rows: the answer's columns and what its head scores."""
+        return self._SHOWN + t.head.query_columns(t.probe)
+
+    def _scan_trees(self, trees: list[_Tree], where: str | None) -> dict[str, pa.Table]:
+        """Every row of these trees' current experts, in one filtered read (a query per tree
+        would pay LanceDB's fixed cost per call), split by tree."""
+        if not trees:
+            return {}
+        columns = list(dict.fromkeys(c for t in trees for c in self._columns(t)))
+        filt = " OR ".join(f"({_tree_filter(t.tree_id, t.version)})" for t in trees)
+        found = self.lance.to_table(columns=[*columns, "tree_id"], filter=f"({filt}) AND ({where})" if where else filt)
+        return {t.tree_id: found.filter(pc.equal(found["tree_id"], t.tree_id)).select(self._columns(t)) for t in trees}
+
+    def _scored(self, t: _Tree, found: pa.Table, q: torch.Tensor, class_text: torch.Tensor) -> pd.DataFrame:
+        """One tree's found rows, scored for the query (1, text_dim) by its head."""
         if not found.num_rows:
-            return pd.DataFrame(columns=cols + ["tree_id", "score"])
+            return pd.DataFrame(columns=self._SHOWN + ["tree_id", "score"])
         score = t.head.search_scores(t.expert.model, self._rows(t, found), q, class_text)
-        df = found.select(cols).to_pandas()
+        df = found.select(self._SHOWN).to_pandas()
         df["tree_id"], df["score"] = t.tree_id, score
         return df
 
@@ -220,6 +239,12 @@ class CatalogQuery:
         if self._lance is None:
             self._lance = self.table.to_lance()
         return self._lance
+
+    @property
+    def models(self):
+        if self._models is None:
+            self._models = self.catalog.table(MODELS).to_lance()
+        return self._models
 
     @property
     def _row_counts(self) -> dict[tuple[str, str], int]:

@@ -294,8 +294,9 @@ def neighbourhood(catalog: Catalog, listed: list[dict], fresh: dict[tuple[str, s
             rows[(r["repo_id"], r["sha"])] = r
         frontier = sorted({r["repo_id"] for r in found} - set(frontier))
         have |= set(frontier)
-    # ancestors, through every declared parent
-    keys = {repo_key(i) for i in have}
+    # ancestors, through every declared parent (one listed in this crawl has its stored rows
+    # in `listed` already: looking it up again would miss and fall back to a case-blind scan)
+    keys = {repo_key(i) for i in have} | {repo_key(k[0]) for k in fresh}
     wanted = _unknown(_parents_of([*rows.values(), *fresh.values()]), keys)
     while wanted:
         found = _ancestors_where(catalog, wanted)

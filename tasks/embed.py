@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.experts import current_version, tree_dir
-from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, Catalog, sql_in, sql_literal
+from storage.catalog import EMBEDDINGS, EMBEDDING_KEY, ROW_KEY, TIER, Catalog, key_string, optimize_table, sql_in, sql_literal
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,7 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
             models = catalog.tree_children(tree_id, columns=MEMBER_COLUMNS)
         else:
             models = catalog.tree_children(tree_id, touched[tree_id])
-        embedded = embedded_keys(catalog, tree_id, version, None if touched is None else [r["repo_id"] for r in models])
+        embedded = embedded_keys(catalog, tree_id, version, None if touched is None else models)
         if all((r["repo_id"], r["sha"]) in embedded for r in models):
             report.trees[tree_id] = {"version": version, "models": len(models)}
             continue  # every model already has its row for this expert: nothing to compute
@@ -175,16 +175,24 @@ def embed_trees(catalog: Catalog, shards: str, experts: str, trees: list[str] | 
 MEMBER_COLUMNS = ["repo_id", "sha"]  # what embedding reads of a tree's catalog rows
 
 
-def embedded_keys(catalog: Catalog, tree_id: str, version: str, repo_ids: list[str] | None = None
+def embedded_keys(catalog: Catalog, tree_id: str, version: str, models: list[dict] | None = None
                   ) -> set[tuple[str, str]]:
-    """(repo_id, sha) of the tree's rows already embedded by `version` (of `repo_ids` only, when
-    given): filtered and projected in LanceDB."""
-    if not catalog.has(EMBEDDINGS) or repo_ids == []:
+    """(repo_id, sha) of the tree's rows already embedded by `version`: of `models` only when
+    given (looked up by their joined key, one indexed column), else of the whole tree (filtered on
+    the tree and version in LanceDB). Projected either way."""
+    if not catalog.has(EMBEDDINGS) or models == []:
         return set()
     where = f"tree_id = {sql_literal(tree_id)} AND expert_version = {sql_literal(version)}"
+    if models is None:
+        filters = [where]
+    elif ROW_KEY in catalog.table(EMBEDDINGS).schema.names:
+        keys = sorted({key_string((r["repo_id"], r["sha"], version)) for r in models})
+        filters = [f"{ids} AND tree_id = {sql_literal(tree_id)}" for ids in sql_in(ROW_KEY, keys)]
+    else:  # a table from before the joined key: its first write adds it
+        filters = [f"{where} AND {ids}" for ids in sql_in("repo_id", sorted({r["repo_id"] for r in models}))]
     out = set()
-    for ids in sql_in("repo_id", repo_ids) if repo_ids is not None else [None]:
-        t = catalog.read(EMBEDDINGS, where=f"{where} AND {ids}" if ids else where, columns=["repo_id", "sha"])
+    for f in filters:
+        t = catalog.read(EMBEDDINGS, where=f, columns=["repo_id", "sha"])
         out |= set(zip(t.column("repo_id").to_pylist(), t.column("sha").to_pylist())) if t.num_rows else set()
     return out
 
@@ -193,14 +201,21 @@ FILTER_COLUMNS = ("tree_id", "expert_version")  # every search filters on both: 
 
 
 # Rows written after the vector index was built are searched exactly until folded into it; a
-# nightly folds them (`optimize`, whose cost follows the table) only past this share of the index,
-# else the maintenance flow does.
+# nightly folds them (storage.catalog.optimize_table) only past this share of the index, else the
+# maintenance flow does.
 UNINDEXED_SHARE = 0.1
+
+
+def vector_partitions(n: int) -> int:
+    """IVF lists for n rows: k-means needs thousands of rows per list."""
+    return max(1, min(256, n // 4096))
 
 
 def ensure_indexes(table) -> bool:
     """Bitmap indexes on the filter columns always; the cosine IVF_PQ index once there are enough
-    rows; rows added since it was built folded in once they are UNINDEXED_SHARE of it."""
+    rows, trained again once the table has outgrown its lists TIER times (an index trained on a
+    young catalog's few hundred rows has one list: every search would scan every row); rows added
+    since it was built folded in once they are UNINDEXED_SHARE of it."""
     from lancedb.index import Bitmap, IvfPq
 
     indices = table.list_indices()
@@ -214,19 +229,25 @@ def ensure_indexes(table) -> bool:
     n = table.count_rows()
     if n < INDEX_MIN_ROWS:
         return False
-    if not any(i.columns == ["vector"] for i in indices):
+    vector = next((i for i in indices if i.columns == ["vector"]), None)
+    trained = vector_lists(table, vector.name) if vector is not None else 0
+    if vector is None or vector_partitions(n) >= TIER * trained:
         dim = table.schema.field("vector").type.list_size
-        table.create_index("vector", config=IvfPq(
-            distance_type="cosine",
-            num_partitions=max(1, min(256, n // 4096)),  # k-means needs thousands of rows per list
+        table.create_index("vector", config=IvfPq(  # replaces the old one in one commit
+            distance_type="cosine", num_partitions=vector_partitions(n),
             num_sub_vectors=dim // 4 if dim % 4 == 0 else None,  # 4 dims per PQ code
-        ))
+        ), name=vector.name if vector is not None else None)
     else:
-        vector = next(i for i in indices if i.columns == ["vector"])
         stats = table.index_stats(vector.name)
         if stats is None or stats.num_unindexed_rows > UNINDEXED_SHARE * max(1, stats.num_indexed_rows):
-            table.optimize()
+            optimize_table(table)
     return True
+
+
+def vector_lists(table, name: str) -> int:
+    """The IVF lists the vector index was trained with (its first, oldest delta's)."""
+    stats = table.to_lance().stats.index_stats(name)
+    return int(stats["indices"][0]["num_partitions"]) if stats.get("indices") else 0
 
 
 def tag_version(table, versions: list[str]) -> str:

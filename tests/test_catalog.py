@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from storage.catalog import MAX_INDEX_DELTAS, MODELS, ROW_HASH, Catalog
+from storage.catalog import MODELS, ROW_HASH, TIER, Catalog, settled
 
 
 def rows(n, status="ok"):
@@ -59,25 +59,60 @@ def test_maintain_bounds_versions_and_keeps_the_newest_tags(tmp_path):
     assert t.count_rows() == 7
 
 
-def test_maintain_merges_index_deltas_so_disk_stays_bounded(tmp_path):
-    """Each update of a vector index adds a delta with its own codebook; maintenance merges them
-    once there are more than MAX_INDEX_DELTAS."""
+def test_settled_pieces_hold_tier_times_the_rows_after_them():
+    assert settled([10_000, 10]) == 2  # the newest piece has nothing after it
+    assert settled([10_000, 10, 10]) == 1  # the two small ones merge
+    assert settled([10_000, 100, 10, 10]) == 2
+    assert settled([10_000, 10, 160, 20]) == 1  # a run from the oldest unsettled on
+    assert settled([100, 30, 10]) == 0
+    assert settled([4 * 50, 50]) == 2 and settled([4 * 50 - 1, 50]) == 0
+    assert settled([0, 5]) == 0  # an empty piece is merged away
+    assert settled([]) == 0
+
+
+def test_maintenance_rewrites_new_rows_only_and_tags_keep_their_rows(tmp_path):
+    """A nightly's rows fold into index deltas and small fragments; the settled base (fragment
+    and index) stays as written, so a version a tag pins shares its files instead of holding a
+    copy of the table (disk stays bounded over many nights)."""
+    import lance
     import numpy as np
-    from lancedb.index import IvfPq
+    from lancedb.index import BTree, IvfPq
 
     cat = Catalog(str(tmp_path / "cat"))
     rng = np.random.default_rng(0)
 
     def batch(n, start):
         v = rng.standard_normal((n, 16)).astype(np.float32)
-        return pa.table({"id": np.arange(start, start + n), "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 16)})
+        return pa.table({"id": np.arange(start, start + n), "key": [f"k{i}" for i in range(start, start + n)],
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 16)})
 
-    tbl = cat.db.create_table("vectors", batch(600, 0))
+    tbl = cat.db.create_table("vectors", batch(2000, 0))
     tbl.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=2, num_sub_vectors=4))
-    nights = MAX_INDEX_DELTAS + 1
+    tbl.create_index("key", config=BTree())
+    path = str(tmp_path / "cat" / "vectors.lance")
+
+    def base_files():
+        ds = lance.dataset(path)
+        first = ds.get_fragments()[0]
+        return [f.path for f in first.metadata.files], {(i.name, s.uuid) for i in ds.describe_indices()
+                                                        for s in i.segments if set(s.fragment_ids) == {0}}
+
+    before = base_files()
+    nights = 12
     for night in range(nights):
-        tbl.add(batch(20, 600 + 20 * night))
-        cat.maintain(keep_days=0, keep_tags=0)
-        stats = cat.db.open_table("vectors").index_stats("vector_idx")
-        assert stats.num_indices <= MAX_INDEX_DELTAS and stats.num_unindexed_rows == 0
-    assert stats.num_indices == 1 and stats.num_indexed_rows == 600 + 20 * nights
+        tbl.add(batch(20, 2000 + 20 * night))
+        tbl.tags.create(f"night-{night}", tbl.version)
+        report = cat.maintain(keep_days=0, keep_tags=3)["vectors"]
+        for name in ("vector_idx", "key_idx"):
+            stats = cat.db.open_table("vectors").index_stats(name)
+            assert stats.num_unindexed_rows == 0 and stats.num_indexed_rows == 2020 + 20 * night
+            assert stats.num_indices <= 4  # a few deltas of geometric sizes, not one per night
+        ds = lance.dataset(path)
+        assert len(ds.get_fragments()) <= 4
+    assert base_files() == before  # the 2,000 base rows were never rewritten
+    assert report["fragments_compacted"] >= 0 and report["tags_kept"] == 3
+    t = cat.db.open_table("vectors")
+    assert t.count_rows() == 2000 + 20 * nights
+    t.checkout(f"night-{nights - 3}")  # a kept tag still reads its rows
+    assert t.count_rows() == 2000 + 20 * (nights - 2)
+    assert TIER >= 2

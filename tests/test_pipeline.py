@@ -3,6 +3,7 @@
 import json
 import math
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -116,6 +117,38 @@ def test_filter_columns_get_bitmap_indexes_replacing_an_old_btree(tiny_home, tmp
     for i in table.list_indices():
         on.setdefault(i.columns[0], []).append(i.index_type)
     assert all(on[c] == ["Bitmap"] for c in FILTER_COLUMNS)
+
+
+def test_vector_index_is_trained_again_once_the_table_outgrows_its_lists(tmp_path):
+    """An index trained on a young catalog's few hundred rows has one IVF list; once the table
+    holds TIER times the rows its lists were sized for, it is trained again, and search keeps
+    finding a row's own vector first."""
+    import numpy as np
+
+    from storage.catalog import EMBEDDINGS, TIER
+    from tasks.embed import embeddings_schema, ensure_indexes, vector_lists, vector_partitions
+
+    cat = Catalog(str(tmp_path / "catalog"))
+    rng = np.random.default_rng(0)
+    schema = embeddings_schema(8)
+
+    def rows(start, n):
+        v = rng.standard_normal((n, 8)).astype(np.float32)
+        return pa.table({"repo_id": [f"o/m{i}" for i in range(start, start + n)], "sha": ["a"] * n,
+                         "expert_version": ["v1"] * n, "tree_id": ["o/root"] * n,
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), 8)}).cast(
+            pa.schema([schema.field(c) for c in ("repo_id", "sha", "expert_version", "tree_id", "vector")]))
+
+    table = cat.db.create_table(EMBEDDINGS, rows(0, 300))
+    assert ensure_indexes(table) and vector_lists(table, "vector_idx") == 1
+    big = 4096 * TIER
+    table.add(rows(300, big - 300))
+    ensure_indexes(table)
+    assert vector_lists(table, "vector_idx") == vector_partitions(big) == TIER
+    stats = table.index_stats("vector_idx")
+    assert stats.num_indexed_rows == big and stats.num_unindexed_rows == 0
+    probe = table.search().where("repo_id = 'o/m5000'").limit(1).to_list()[0]["vector"]
+    assert table.search(probe).distance_type("cosine").limit(1).to_list()[0]["repo_id"] == "o/m5000"
 
 
 @pytest.mark.slow  # a full evaluation with baselines: the full suite runs it
